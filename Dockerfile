@@ -1,0 +1,12 @@
+# rsae on a GPU box: CUDA PyTorch from the base image, rsae on top.
+#   docker build -t rsae .
+#   docker run --gpus all -v $PWD/runs:/work/runs rsae rsae quickstart --out /work/runs/quickstart
+FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
+ENV HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+WORKDIR /opt/rsae
+COPY pyproject.toml README.md ./
+COPY rsae ./rsae
+# The base image's torch satisfies rsae's loose requirement, so pip keeps the CUDA build.
+RUN pip install --no-cache-dir . && python -c "import rsae, torch; print(torch.__version__, torch.cuda.is_available())"
+WORKDIR /work
+CMD ["rsae", "--help"]

@@ -1,0 +1,1 @@
+"""Rational Sparse Autoencoders."""

@@ -1,0 +1,112 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024; Gemma Scope): `z = h * H(h - theta)` with a learned
+per-feature threshold, trained with MSE plus L0 through straight-through estimators.
+
+The step `H` has zero derivative almost everywhere, so both estimators replace the Dirac delta at
+the jump by a rectangle kernel `K` of width `bandwidth` (in activation units): gradients reach the
+threshold only from tokens whose pre-activation lies within `bandwidth / 2` of it.
+
+A threshold is read as `max(theta, 0)` in the forward pass, while its pseudo-gradient goes to the
+raw `theta` unchanged. An Adam step that overshoots below 0 therefore acts like a ReLU until the
+L0 pressure pushes the raw value back up, instead of freezing it where a clamp's zero gradient
+would.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
+
+from rsae.config import SAEConfig
+from rsae.sae import Latents, SparseAutoencoder, TrainingLoss, reconstruction_mse
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """The kernel `K(u)`: 1 on (-1/2, 1/2), 0 elsewhere."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+def _kernel_density(x: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """`K((x - theta) / bandwidth) / bandwidth`: the estimate of the Dirac delta at the jump."""
+    return rectangle((x - threshold) / bandwidth) / bandwidth
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, h: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        effective = threshold.clamp(min=0)
+        ctx.save_for_backward(h, effective)
+        ctx.bandwidth = bandwidth
+        ctx.threshold_shape, ctx.threshold_dtype = threshold.shape, threshold.dtype
+        return h * (h > effective)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_z: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        h, threshold = ctx.saved_tensors
+        grad_h = (grad_z * (h > threshold)).to(h.dtype) if ctx.needs_input_grad[0] else None
+        grad_threshold = None
+        if ctx.needs_input_grad[1]:
+            pseudo = -threshold * _kernel_density(h, threshold, ctx.bandwidth) * grad_z
+            grad_threshold = pseudo.sum_to_size(ctx.threshold_shape).to(ctx.threshold_dtype)
+        return grad_h, grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, threshold: Tensor, bandwidth: float, pass_x_grad: bool) -> Tensor:
+        effective = threshold.clamp(min=0)
+        ctx.save_for_backward(x, effective)
+        ctx.bandwidth, ctx.pass_x_grad = bandwidth, pass_x_grad
+        ctx.threshold_shape, ctx.threshold_dtype = threshold.shape, threshold.dtype
+        return (x > effective).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x, threshold = ctx.saved_tensors
+        delta = _kernel_density(x, threshold, ctx.bandwidth) * grad_out
+        grad_x = delta.to(x.dtype) if ctx.pass_x_grad and ctx.needs_input_grad[0] else None
+        grad_threshold = None
+        if ctx.needs_input_grad[1]:
+            grad_threshold = (-delta).sum_to_size(ctx.threshold_shape).to(ctx.threshold_dtype)
+        return grad_x, grad_threshold, None, None
+
+
+def jumprelu(h: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """`h * H(h - theta)`, `threshold` broadcast against `h` (e.g. [d_sae] against [N, d_sae]).
+
+    Gradient to `h`: `H(h - theta)`. Pseudo-gradient to `theta`: `-(theta / bandwidth) K((h - theta) / bandwidth)`."""
+    return _JumpReLU.apply(h, threshold, bandwidth)
+
+
+def step(x: Tensor, threshold: Tensor, bandwidth: float, pass_x_grad: bool = False) -> Tensor:
+    """`H(x - theta)` (1 where `x > theta`), `threshold` broadcast against `x`.
+
+    Pseudo-gradient to `theta`: `-(1 / bandwidth) K((x - theta) / bandwidth)`. `x` gets no gradient
+    unless `pass_x_grad`, then `+(1 / bandwidth) K(...)`: an L0 penalty built on it can then move the
+    inputs across the threshold, not only the threshold (the RSAE's 'thresholded' mode needs this)."""
+    return _Step.apply(x, threshold, bandwidth, pass_x_grad)
+
+
+class JumpReLUSAE(SparseAutoencoder):
+    """JumpReLU SAE with a raw (not log-parametrised) threshold: SAELens' log threshold barely
+    moved under Adam, so L0 never fell."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold, dtype=self.dtype))
+
+    def activate(self, pre_acts: Tensor) -> Latents:
+        return Latents(jumprelu(pre_acts, self.threshold, self.cfg.jumprelu_bandwidth), None)
+
+    def training_loss(
+        self,
+        x: Tensor,
+        sparsity_coefficient: float = 0.0,
+        dead_mask: Tensor | None = None,
+        auxk_coefficient: float = 1 / 32,
+    ) -> TrainingLoss:
+        x = self.check_input(x)
+        output = self.run(x)
+        mse = reconstruction_mse(x, output.x_hat)
+        l0 = step(output.pre_acts, self.threshold, self.cfg.jumprelu_bandwidth).float().sum(-1).mean()
+        return TrainingLoss(mse + sparsity_coefficient * l0, mse, l0, mse.new_zeros(()), output)
