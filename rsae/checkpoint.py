@@ -127,7 +127,8 @@ def _read_weights(path: Path, model: SparseAutoencoder) -> dict[str, torch.Tenso
         want = expected[name]
         if tensor.shape != want.shape:
             raise CheckpointError(
-                f"{path}: key {name!r} has shape {tuple(tensor.shape)}, expected {tuple(want.shape)} from {CONFIG_FILE}."
+                f"{path}: key {name!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(want.shape)} from {CONFIG_FILE}."
             )
         if tensor.dtype != want.dtype:
             raise CheckpointError(f"{path}: key {name!r} has dtype {tensor.dtype}, expected {want.dtype}.")

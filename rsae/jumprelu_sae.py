@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from rsae.config import SAEConfig
-from rsae.sae import Latents, SparseAutoencoder, TrainingLoss, reconstruction_mse
+from rsae.sae import Latents, SAEOutput, SparseAutoencoder
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -98,15 +98,6 @@ class JumpReLUSAE(SparseAutoencoder):
     def activate(self, pre_acts: Tensor) -> Latents:
         return Latents(jumprelu(pre_acts, self.threshold, self.cfg.jumprelu_bandwidth), None)
 
-    def training_loss(
-        self,
-        x: Tensor,
-        sparsity_coefficient: float = 0.0,
-        dead_mask: Tensor | None = None,
-        auxk_coefficient: float = 1 / 32,
-    ) -> TrainingLoss:
-        x = self.check_input(x)
-        output = self.run(x)
-        mse = reconstruction_mse(x, output.x_hat)
-        l0 = step(output.pre_acts, self.threshold, self.cfg.jumprelu_bandwidth).float().sum(-1).mean()
-        return TrainingLoss(mse + sparsity_coefficient * l0, mse, l0, mse.new_zeros(()), output)
+    def sparsity_penalty(self, output: SAEOutput) -> Tensor:
+        """L0 through the straight-through step, so the thresholds learn where to sit."""
+        return step(output.pre_acts, self.threshold, self.cfg.jumprelu_bandwidth).float().sum(-1).mean()

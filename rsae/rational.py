@@ -11,17 +11,20 @@ Because every ``c_j >= 0`` and ``|t|^j >= 0``, ``Q >= 1`` for every parameter va
 poles, whatever the optimiser does. Callers pass the *effective* ``c_j`` (the module keeps a raw
 softplus parameter; see :mod:`rsae.gate`). ``q = 0`` (a polynomial) is allowed.
 
-Tails (linear continuation)
----------------------------
+Tails (shaped like a gate)
+--------------------------
 A rational fitted on [-1, 1] extrapolates wildly outside it, and a degree-12 polynomial tail grows
-like ``|t|^12`` (1e72 at ``t = 1e6``: overflow in fp32). So outside [-1, 1] the gate continues
-linearly, matching value and slope at the end point. With ``tc = clamp(u, -1, 1)`` and ``R = P/Q``::
+like ``|t|^12`` (1e72 at ``t = 1e6``: overflow in fp32). Every SAE gate is flat below its threshold
+and grows like the identity above it, so the tails follow that shape. With ``tc = clamp(u, -1, 1)``
+and ``R = P/Q``::
 
-    r(u) = R(tc) + R'(tc) * (u - tc)
+    r(u) = R(tc) + R'(1) * max(u - 1, 0)
 
-Inside [-1, 1] this is exactly ``R``; outside it is the tangent line at +-1, so it is finite and at
-most linear in ``u`` for any finite input, and ``dr/du = R'(tc)`` everywhere (continuous at +-1).
-The gradient with respect to the coefficients includes the slope term's dependence on them.
+Inside [-1, 1] this is exactly ``R``. Above 1 it is the tangent line at 1 (value and slope match);
+below -1 it is the constant ``R(-1)``: a linear continuation there would turn the fit's ripple
+slope at -1 into outputs growing with ``|u|`` where every gate is 0. It is finite and at most
+linear in ``u`` for any finite input; ``dr/du`` is ``R'(tc)`` for ``u >= -1`` and 0 below. The
+gradient with respect to the coefficients includes the tail's dependence on them.
 
 Numerics
 --------
@@ -49,7 +52,8 @@ from __future__ import annotations
 import os
 import types
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -91,38 +95,13 @@ def _check_shapes(x: Tensor, shift: Tensor, scale_in: Tensor, scale_out: Tensor,
         raise ValueError(f"denominator must have shape [q, {n_cols}] (q may be 0), got {tuple(denominator.shape)}")
 
 
-def _pq(tc: Tensor, numerator: Tensor, denominator: Tensor, p: int, q: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """P, P', Q, Q' at ``tc`` by Horner, unrolled over the (static) degrees.
-
-    Q is evaluated in ``y = |tc|`` and its t-derivative picks up ``sign(tc)`` (0 at tc = 0, as
-    torch's ``abs`` backward does, which keeps the reference and the fast path identical).
-    """
-    big_p = numerator[p]
-    d_p = torch.zeros_like(tc)
-    for i in range(p - 1, -1, -1):
-        d_p = d_p * tc + big_p
-        big_p = big_p * tc + numerator[i]
-    if q == 0:
-        return big_p, d_p, torch.ones_like(tc), torch.zeros_like(tc)
-    y = tc.abs()
-    # B(y) = sum_{j>=1} c_j y^j: Horner with a zero constant term.
-    big_b = denominator[q - 1].expand_as(y)
-    d_b = torch.zeros_like(y)
-    for j in range(q - 2, -1, -1):
-        d_b = d_b * y + big_b
-        big_b = big_b * y + denominator[j]
-    d_b = d_b * y + big_b
-    big_b = big_b * y
-    return big_p, d_p, 1.0 + big_b, d_b * torch.sign(tc)
-
-
 # --------------------------------------------------------------------------------------------------
 # Reference path: plain eager torch, differentiated by autograd
 # --------------------------------------------------------------------------------------------------
 
 
 def rational_reference(u: Tensor, numerator: Tensor, denominator: Tensor) -> Tensor:
-    """``r(u)`` with linear tails, in plain eager torch (the readable reference; autograd-able).
+    """``r(u)`` with gate-shaped tails, in plain eager torch (the readable reference; autograd-able).
 
     Args:
         u: [M, F], already affine-mapped (``(x - shift) / scale_in``).
@@ -146,7 +125,7 @@ def rational_reference(u: Tensor, numerator: Tensor, denominator: Tensor) -> Ten
                                    torch.zeros_like(y))
         value = big_p / big_q
         slope = (d_p - value * d_q) / big_q
-        r = value + slope * (t - tc)
+        r = value + slope * (t - tc).clamp_min(0.0)
     return r.to(u.dtype)
 
 
@@ -155,74 +134,132 @@ def rational_reference(u: Tensor, numerator: Tensor, denominator: Tensor) -> Ten
 # --------------------------------------------------------------------------------------------------
 
 
+def _horner(coefs: Tensor, t: Tensor, n: int, derivative: bool) -> tuple[Tensor, Tensor | None]:
+    """``sum_{i=0..n} coefs[i] t^i`` and (optionally) its t-derivative, unrolled over the static n >= 1."""
+    val = coefs[n] * t + coefs[n - 1]
+    der = coefs[n].expand_as(t) if derivative else None
+    for i in range(n - 2, -1, -1):
+        if der is not None:
+            der = der * t + val
+        val = val * t + coefs[i]
+    return val, der
+
+
+def _denominator_poly(coefs: Tensor, y: Tensor, q: int, derivative: bool) -> tuple[Tensor, Tensor | None]:
+    """``B(y) = sum_{j=1..q} c_j y^j`` (Q = 1 + B(|t|)) and optionally dB/dy, by Horner (zero constant)."""
+    val = coefs[q - 1].expand_as(y)
+    der = None
+    for j in range(q - 2, -1, -1):
+        if derivative:
+            der = val if der is None else der * y + val
+        val = val * y + coefs[j]
+    if derivative:
+        der = val if der is None else der * y + val
+    return val * y, der
+
+
+def _endpoint(numerator: Tensor, denominator: Tensor, s: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-column ``R(s), R'(s)`` at ``s = +-1`` and the partials of the slope ``R'(s)`` w.r.t. a and c.
+
+    Outside [-1, 1] the gate is ``R(s) + R'(s) (u - s)``, so the tail's dependence on the coefficients
+    is through these [F]-sized constants only. Computing them (and their partials) once per column
+    instead of per element removes the derivative Horner loops from the forward pass and turns the
+    tail parts of the coefficient gradients into two column sums (see ``rational_backward``).
+    Explicit formulas, with Q(s) = 1 + sum c_j, Q'(s) = s sum j c_j:
+        dR'/da_i = (i s^(i-1) - s^i Q'/Q) / Q,    dR'/dc_j = (R Q'/Q - j s R - R') / Q.
+    """
+    p, q = numerator.shape[0] - 1, denominator.shape[0]
+    dev, dt = numerator.device, numerator.dtype
+    i = torch.arange(p + 1, device=dev, dtype=dt)
+    s_pow = torch.tensor([float(s**k) for k in range(p + 1)], device=dev, dtype=dt)
+    s_pow_m1 = torch.tensor([0.0] + [float(s ** (k - 1)) for k in range(1, p + 1)], device=dev, dtype=dt)
+    big_p = (s_pow[:, None] * numerator).sum(0)
+    d_p = ((i * s_pow_m1)[:, None] * numerator).sum(0)
+    if q > 0:
+        j = torch.arange(1, q + 1, device=dev, dtype=dt)
+        big_q = 1.0 + denominator.sum(0)
+        d_q = s * (j[:, None] * denominator).sum(0)
+    else:
+        j = torch.zeros(0, device=dev, dtype=dt)
+        big_q = torch.ones_like(big_p)
+        d_q = torch.zeros_like(big_p)
+    inv_q = 1.0 / big_q
+    value = big_p * inv_q
+    slope = (d_p - value * d_q) * inv_q
+    dslope_da = ((i * s_pow_m1)[:, None] - s_pow[:, None] * (d_q * inv_q)) * inv_q
+    dslope_dc = (value * d_q * inv_q - s * j[:, None] * value - slope) * inv_q
+    return value, slope, dslope_da, dslope_dc
+
+
 def _forward_body(p: int, q: int) -> Callable[..., Tensor]:
-    def rational_forward(x: Tensor, shift: Tensor, scale_in: Tensor, scale_out: Tensor, numerator: Tensor,
-                         denominator: Tensor) -> Tensor:
-        cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
-        u = (x.to(cd) - shift.to(cd)) / scale_in.to(cd)
+    def rational_forward(x: Tensor, shift: Tensor, inv_scale_in: Tensor, scale_out: Tensor, numerator: Tensor,
+                         denominator: Tensor, slope_pos: Tensor) -> Tensor:
+        # Parameters arrive already in the compute dtype (see _RationalGateFunction); only x may be narrower.
+        cd = inv_scale_in.dtype
+        u = (x.to(cd) - shift) * inv_scale_in
         tc = u.clamp(-1.0, 1.0)
-        big_p, d_p, big_q, d_q = _pq(tc, numerator.to(cd), denominator.to(cd), p, q)
-        inv_q = 1.0 / big_q
-        value = big_p * inv_q
-        slope = (d_p - value * d_q) * inv_q
-        return (scale_out.to(cd) * (value + slope * (u - tc))).to(x.dtype)
+        d = u - tc
+        value, _ = _horner(numerator, tc, p, False)
+        if q > 0:
+            big_b, _ = _denominator_poly(denominator, tc.abs(), q, False)
+            value = value / (1.0 + big_b)
+        # The upper tail's slope is a per-column constant; the lower tail is flat (d < 0 drops out).
+        r = value + d.clamp_min(0.0) * slope_pos
+        return (scale_out * r).to(x.dtype)
 
     return rational_forward
 
 
 def _backward_body(p: int, q: int) -> Callable[..., tuple[Tensor, ...]]:
-    def rational_backward(grad: Tensor, x: Tensor, shift: Tensor, scale_in: Tensor, scale_out: Tensor,
+    def rational_backward(grad: Tensor, x: Tensor, shift: Tensor, inv_scale_in: Tensor, scale_out: Tensor,
                           numerator: Tensor, denominator: Tensor) -> tuple[Tensor, ...]:
-        cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
-        g = grad.to(cd)
-        c_in = scale_in.to(cd)
-        c_out = scale_out.to(cd)
-        u = (x.to(cd) - shift.to(cd)) / c_in
+        cd = inv_scale_in.dtype
+        u = (x.to(cd) - shift) * inv_scale_in
         tc = u.clamp(-1.0, 1.0)
-        d = u - tc  # 0 inside [-1, 1]: the tail terms below vanish there
-        big_p, d_p, big_q, d_q = _pq(tc, numerator.to(cd), denominator.to(cd), p, q)
-        inv_q = 1.0 / big_q
-        value = big_p * inv_q
-        slope = (d_p - value * d_q) * inv_q
-        w = g * c_out
-
-        grad_x = w * slope / c_in
-        grad_shift = -grad_x.sum(0)
-        grad_scale_in = -(grad_x * u).sum(0)
-        grad_scale_out = (g * (value + slope * d)).sum(0)
-
-        # dr/da_i = tc^i/Q + d (i tc^(i-1)/Q - tc^i Q'/Q^2) = alpha tc^i + i beta tc^(i-1), per unit w.
-        alpha = w * inv_q * (1.0 - d * d_q * inv_q)
-        beta = w * inv_q * d
-        grads_a = [alpha.sum(0)]
-        power = torch.ones_like(tc)  # tc^(i-1)
-        for i in range(1, p + 1):
-            term_low = power
-            power = power * tc
-            grads_a.append((alpha * power + i * beta * term_low).sum(0))
-
-        # dr/dc_j = -P y^j/Q^2 + d(-P' y^j/Q^2 - P j y^(j-1) sgn/Q^2 + 2 P Q' y^j/Q^3)
-        #         = gamma y^j + j delta y^(j-1), written with R = P/Q so nothing forms Q^2 or Q^3.
-        grads_c = []
+        d = u - tc  # 0 inside [-1, 1]
+        y = tc.abs()
+        sgn = torch.sign(tc)
+        big_p, d_p = _horner(numerator, tc, p, True)
+        w = grad.to(cd) * scale_out
         if q > 0:
-            y = tc.abs()
-            gamma = -w * inv_q * (value + d * (slope - value * d_q * inv_q))
-            delta = -w * inv_q * d * torch.sign(tc) * value
-            power = torch.ones_like(y)  # y^(j-1)
-            for j in range(1, q + 1):
-                term_low = power
-                power = power * y
-                grads_c.append((gamma * power + j * delta * term_low).sum(0))
-            grad_den = torch.stack(grads_c)
+            big_b, d_b = _denominator_poly(denominator, y, q, True)
+            inv_q = 1.0 / (1.0 + big_b)
+            value = big_p * inv_q
+            # R' = (P' - R Q') / Q: never forms Q^2, so c_j up to ~1e30 cannot overflow.
+            slope = (d_p - value * d_b * sgn) * inv_q
+            w_q = w * inv_q
         else:
-            grad_den = denominator.new_zeros(denominator.shape).to(cd)
+            value, slope, w_q = big_p, d_p, w
+        slope = slope * (u >= -1.0)  # the lower tail is flat
+        grad_x = w * slope * inv_scale_in
+        sum_grad_x = grad_x.sum(0)
+        sum_grad_x_u = (grad_x * u).sum(0)
+        sum_g_r = (grad.to(cd) * (value + slope * d)).sum(0)
+
+        # Value part R(tc) = P/Q: dR/da_i = tc^i / Q, dR/dc_j = -R y^j / Q. Powers of y are shared by
+        # both, with tc^i = sgn * y^i for odd i. The slope part only lives in the tails (|tc| = 1),
+        # where it is (per column) w d dR'(+-1)/dcoef: two sums suffice, combined outside.
+        w_q_sgn = w_q * sgn
+        sums_a = [w_q.sum(0), (w_q * tc).sum(0)]
+        sums_c = []
+        w_qr = -w_q * value
+        power = y
+        for k in range(1, max(p, q) + 1):
+            if k > 1:
+                power = power * y
+                if k <= p:
+                    sums_a.append(((w_q_sgn if k % 2 else w_q) * power).sum(0))
+            if k <= q:
+                sums_c.append((w_qr * power).sum(0))
+        tail_pos = (w * d.clamp_min(0.0)).sum(0)
         return (
             grad_x.to(x.dtype),
-            grad_shift.to(shift.dtype),
-            grad_scale_in.to(scale_in.dtype),
-            grad_scale_out.to(scale_out.dtype),
-            torch.stack(grads_a).to(numerator.dtype),
-            grad_den.to(denominator.dtype),
+            sum_grad_x,
+            sum_grad_x_u,
+            sum_g_r,
+            torch.stack(sums_a),
+            torch.stack(sums_c) if q > 0 else tail_pos.new_zeros((0, tail_pos.shape[0])),
+            tail_pos,
         )
 
     return rational_backward
@@ -241,29 +278,51 @@ def _fresh_code(fn: Callable[..., Any], suffix: str) -> Callable[..., Any]:
     return new
 
 
-_EAGER: dict[tuple[str, int, int], Callable[..., Any]] = {}
-_COMPILED: dict[tuple[str, int, int], Callable[..., Any]] = {}
+# Inductor's default heuristics materialise shared per-element subexpressions (powers, 1/Q, ...)
+# as full [M, F] buffers once many reductions read them: ~7x the input in temporaries and an extra
+# pass over memory. Raising the realisation thresholds lets each reduction loop recompute them in
+# registers instead (CSE dedupes within the loop), leaving grad_x as the only [M, F] buffer; the
+# horizontal-fusion limit is raised so all column sums share one loop. Scoped to these functions.
+_INDUCTOR_OPTIONS: dict[str, Any] = {
+    "realize_reads_threshold": 1_000_000,
+    "realize_opcount_threshold": 1_000_000,
+    "realize_cpu_opcount_threshold": 1_000_000,
+    "realize_acc_reads_threshold": 1_000_000,
+    "realize_cpu_acc_reads_threshold": 1_000_000,
+    "cpp.max_horizontal_fusion_size": 64,
+    "max_fusion_size": 256,
+}
+
+_EAGER: dict[tuple[Any, ...], Callable[..., Any]] = {}
+_COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
 _COMPILE_FAILED = False
 
 
-def _body(kind: str, p: int, q: int, compiled: bool) -> Callable[..., Any]:
-    key = (kind, p, q)
+def _body(kind: str, p: int, q: int, compiled: bool, variant: tuple[Any, ...] = ()) -> Callable[..., Any]:
+    key = (kind, p, q, variant)
     if key not in _EAGER:
         maker = _forward_body if kind == "fwd" else _backward_body
-        _EAGER[key] = _fresh_code(maker(p, q), f"p{p}_q{q}")
+        _EAGER[key] = _fresh_code(maker(p, q), f"p{p}_q{q}_v{len(_EAGER)}")
     if not compiled:
         return _EAGER[key]
     if key not in _COMPILED:
         # dynamic=True: batch size (and width) changes must not recompile.
-        _COMPILED[key] = torch.compile(_EAGER[key], dynamic=True, fullgraph=True)
+        _COMPILED[key] = torch.compile(_EAGER[key], dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS)
     return _COMPILED[key]
+
+
+def _variant(args: tuple[Tensor, ...]) -> tuple[Any, ...]:
+    """What makes dynamo specialise a graph: dtypes and size-1 dims (shared coefficients, the TopK
+    path's single row). Each variant gets its own code object, so a process that meets many of
+    them (the test suite, mixed precision) never hits dynamo's per-code recompile limit."""
+    return tuple((t.dtype, tuple(size == 1 for size in t.shape)) for t in args)
 
 
 def _run(kind: str, p: int, q: int, compiled: bool, *args: Tensor) -> Any:
     global _COMPILE_FAILED
     if compiled and not _COMPILE_FAILED:
         try:
-            return _body(kind, p, q, True)(*args)
+            return _body(kind, p, q, True, _variant(args))(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure must degrade, not crash training
             _COMPILE_FAILED = True
             warnings.warn(
@@ -273,6 +332,19 @@ def _run(kind: str, p: int, q: int, compiled: bool, *args: Tensor) -> Any:
                 stacklevel=3,
             )
     return _body(kind, p, q, False)(*args)
+
+
+def _compact(coefs: Tensor, cd: torch.dtype) -> Tensor:
+    """Coefficients as a fresh contiguous tensor: [k, 1] when shared across columns (stride 0), else [k, F].
+
+    Handing views (e.g. ``expand`` of a [k, 1] tensor) to the compiled bodies makes dynamo trace the
+    view's base and specialise the column count, so every new width (and, on the TopK path, every
+    new batch size N*k) would recompile. The [k, 1] form also lets the kernel broadcast a scalar per
+    coefficient instead of loading a stride-0 row.
+    """
+    if coefs.shape[1] > 1 and coefs.stride(1) == 0:
+        coefs = coefs[:, :1]
+    return coefs.to(dtype=cd, memory_format=torch.contiguous_format, copy=True)
 
 
 class _RationalGateFunction(torch.autograd.Function):
@@ -286,16 +358,36 @@ class _RationalGateFunction(torch.autograd.Function):
         ctx.compiled = compiled
         ctx.save_for_backward(x, shift, scale_in, scale_out, numerator, denominator)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _run("fwd", p, q, compiled, x, shift, scale_in, scale_out, numerator, denominator)
+            cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
+            a, c = _compact(numerator, cd), _compact(denominator, cd)
+            _, slope_pos, _, _ = _endpoint(a, c, 1)
+            return _run("fwd", p, q, compiled, x, shift.to(cd), 1.0 / scale_in.to(cd), scale_out.to(cd), a, c,
+                        slope_pos)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, shift, scale_in, scale_out, numerator, denominator = ctx.saved_tensors
         p, q = ctx.degree
         with torch.autocast(device_type=x.device.type, enabled=False):
-            grads = _run("bwd", p, q, ctx.compiled, grad, x, shift, scale_in, scale_out, numerator, denominator)
+            cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
+            a, c = _compact(numerator, cd), _compact(denominator, cd)
+            inv_scale_in = 1.0 / scale_in.to(cd)
+            grad_x, sum_gx, sum_gxu, sum_gr, sums_a, sums_c, tail_pos = _run(
+                "bwd", p, q, ctx.compiled, grad, x, shift.to(cd), inv_scale_in, scale_out.to(cd), a, c)
+            _, _, dpos_da, dpos_dc = _endpoint(a, c, 1)
+            # dpos_da etc. are [p+1, 1] for shared coefficients: broadcasting restores [p+1, F].
+            grad_a = sums_a + tail_pos * dpos_da
+            grad_c = sums_c + tail_pos * dpos_dc
+            grads = (
+                grad_x,
+                (-sum_gx).to(shift.dtype),
+                (-sum_gxu).to(scale_in.dtype),  # du/dC_in = -u / C_in
+                sum_gr.to(scale_out.dtype),
+                grad_a.to(numerator.dtype),
+                grad_c.to(denominator.dtype),
+            )
         needed = ctx.needs_input_grad
-        return (*(gr if need else None for gr, need in zip(grads, needed[:6])), None)
+        return (*(gr if need else None for gr, need in zip(grads, needed[:6], strict=False)), None)
 
 
 def rational_gate(x: Tensor, shift: Tensor, scale_in: Tensor, scale_out: Tensor, numerator: Tensor,

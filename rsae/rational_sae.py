@@ -27,7 +27,8 @@ from rsae.jumprelu_sae import step
 from rsae.relu_sae import decoder_weighted_l1
 from rsae.remez import GateFit, fit_gate, lookup_fit
 from rsae.sae import Latents, SAEOutput, SparseAutoencoder, TrainingLoss, reconstruction_mse
-from rsae.topk_sae import auxk_loss, topk_encode
+from rsae.sparse_codes import topk_encode, topk_relu
+from rsae.topk_sae import dead_latent_auxk
 
 DEFAULT_DEGREES: dict[str, tuple[int, int]] = {"relu": (3, 2), "jumprelu": (9, 8), "topk": (9, 8)}
 """The paper's degrees per teacher family."""
@@ -138,8 +139,7 @@ class RSAE(SparseAutoencoder):
                 active = step(pre_acts, self.threshold, cfg.jumprelu_bandwidth)
                 return _Encoded(Latents(self.gate(pre_acts) * active, None), pre_acts, None)
             assert cfg.k is not None
-            values, indices = pre_acts.relu().topk(cfg.k, dim=-1, sorted=False)
-            return _Encoded(self._masked_topk(values, indices), pre_acts, None)
+            return _Encoded(self._masked_topk(*topk_relu(pre_acts, cfg.k)), pre_acts, None)
         gate_out = self.gate(pre_acts)
         if cfg.mode == "pure":
             return _Encoded(Latents(gate_out, None), pre_acts, None)
@@ -181,7 +181,7 @@ class RSAE(SparseAutoencoder):
         elif cfg.family == "jumprelu":
             sparsity = step(encoded.pre_acts, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
         else:
-            auxk = auxk_loss(encoded.pre_acts, dead_mask, (x - x_hat).detach(), self.W_dec)
+            auxk = dead_latent_auxk(x.to(self.dtype) - self.b_dec, x.float() - x_hat.float(), self, dead_mask)
         total = mse + sparsity_coefficient * sparsity + auxk_coefficient * auxk
         return TrainingLoss(total, mse, sparsity, auxk, output)
 
@@ -204,8 +204,11 @@ def _latent_scales(teacher: SparseAutoencoder, fit: GateFit, activations: Tensor
                 "estimate one (mean over tokens of the smallest kept activation), or use mode='masked'"
             )
         theta = topk_threshold(teacher, activations).expand(d_sae)
-    # A non-positive threshold has no jump to map; a tiny scale keeps the latent finite and nearly ReLU.
-    return theta.clamp_min(1e-6) / fit.threshold
+    # A threshold at or below 0 has no jump to map. Flooring it at a tenth of the typical threshold
+    # keeps the latent nearly ReLU without a tiny scale, whose huge gradients would derail Adam.
+    positive = theta[theta > 0]
+    floor = 0.1 * float(positive.median()) if positive.numel() else 1.0
+    return theta.clamp_min(floor) / fit.threshold
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsae.sae import Latents, SparseAutoencoder, TrainingLoss, reconstruction_mse
+from rsae.sae import Latents, SAEOutput, SparseAutoencoder
 
 
 def decoder_weighted_l1(values: Tensor, W_dec: Tensor) -> Tensor:
@@ -22,15 +22,5 @@ class ReLUSAE(SparseAutoencoder):
     def activate(self, pre_acts: Tensor) -> Latents:
         return Latents(F.relu(pre_acts), None)
 
-    def training_loss(
-        self,
-        x: Tensor,
-        sparsity_coefficient: float = 0.0,
-        dead_mask: Tensor | None = None,
-        auxk_coefficient: float = 1 / 32,
-    ) -> TrainingLoss:
-        x = self.check_input(x)
-        output = self.run(x)
-        mse = reconstruction_mse(x, output.x_hat)
-        sparsity = decoder_weighted_l1(output.latents.values, self.W_dec)
-        return TrainingLoss(mse + sparsity_coefficient * sparsity, mse, sparsity, mse.new_zeros(()), output)
+    def sparsity_penalty(self, output: SAEOutput) -> Tensor:
+        return decoder_weighted_l1(output.latents.values, self.W_dec)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rsae.config import SAEConfig
+from rsae.sparse_codes import sparse_decode
 
 
 class Latents(NamedTuple):
@@ -107,10 +108,7 @@ class SparseAutoencoder(nn.Module, ABC):
         if latents.indices is None:
             return latents.values.to(self.dtype) @ self.W_dec + self.b_dec
         # Sparse codes: sum k decoder rows per token without materialising [N, d_sae].
-        return (
-            F.embedding_bag(latents.indices, self.W_dec, per_sample_weights=latents.values.to(self.dtype), mode="sum")
-            + self.b_dec
-        )
+        return sparse_decode(latents.values, latents.indices, self.W_dec) + self.b_dec
 
     # --- SAEBench contract -------------------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
@@ -129,7 +127,6 @@ class SparseAutoencoder(nn.Module, ABC):
         return self.run(x).x_hat.reshape(x.shape[:-1] + (self.cfg.d_in,))
 
     # --- training ------------------------------------------------------------------------------
-    @abstractmethod
     def training_loss(
         self,
         x: Tensor,
@@ -141,6 +138,15 @@ class SparseAutoencoder(nn.Module, ABC):
 
         `dead_mask` [d_sae] marks latents that have not fired recently; the topk family feeds them
         to AuxK (weight `auxk_coefficient`), the others ignore it."""
+        x = self.check_input(x)
+        output = self.run(x)
+        mse = reconstruction_mse(x, output.x_hat)
+        sparsity = self.sparsity_penalty(output)
+        return TrainingLoss(mse + sparsity_coefficient * sparsity, mse, sparsity, mse.new_zeros(()), output)
+
+    def sparsity_penalty(self, output: SAEOutput) -> Tensor:
+        """The family's sparsity term before its coefficient; none by default (TopK fixes k instead)."""
+        return output.x_hat.new_zeros((), dtype=torch.float32)
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from rsae.relu_sae import decoder_weighted_l1
-from test_sae import make_sae, sparse_dictionary_data
+
+from helpers import make_sae, sparse_dictionary_data
 
 
 def test_gate_is_relu_with_dense_codes() -> None:

@@ -135,7 +135,7 @@ def test_relu_error_falls_with_degree_and_is_pole_free() -> None:
         assert fit.min_q >= 1.0
         assert np.all(fit.denominator >= 0.0)
         errors.append(fit.max_error)
-    assert all(b < 0.5 * a for a, b in zip(errors, errors[1:])), errors
+    assert all(b < 0.5 * a for a, b in zip(errors, errors[1:], strict=False)), errors
     assert errors[-1] < 1e-4
 
 
@@ -175,7 +175,7 @@ def test_jump_fit_reports_error_outside_gap_and_bounds_overshoot(target: str) ->
 
 def test_jump_error_falls_with_degree_and_gap() -> None:
     errs = [lookup_fit("jumprelu", d).max_error for d in [(5, 4), (7, 6), (9, 8), (12, 12)]]  # type: ignore[union-attr]
-    assert all(b < a for a, b in zip(errs, errs[1:])), errs
+    assert all(b < a for a, b in zip(errs, errs[1:], strict=False)), errs
     wide = fit_gate("jumprelu", (7, 6), gap=0.15)
     assert wide.max_error < lookup_fit("jumprelu", (7, 6)).max_error  # type: ignore[union-attr]
 

@@ -1,70 +1,17 @@
 """Contract and training tests shared by every baseline family (relu, jumprelu, topk).
 
-`sparse_dictionary_data` and `train` are imported by the per-family test files."""
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from rsae.config import FAMILIES, SAEConfig
-from rsae.jumprelu_sae import JumpReLUSAE
-from rsae.relu_sae import ReLUSAE
-from rsae.sae import SparseAutoencoder, TrainingLoss
+from rsae.sae import Latents, reconstruction_mse
 from rsae.topk_sae import TopKSAE
 
-D_IN, D_SAE, K = 32, 128, 4
-MODEL_CLASSES: dict[str, type[SparseAutoencoder]] = {"relu": ReLUSAE, "jumprelu": JumpReLUSAE, "topk": TopKSAE}
-
-
-def make_sae(family: str, seed: int = 0, **overrides: object) -> SparseAutoencoder:
-    torch.manual_seed(seed)
-    fields = {"d_in": D_IN, "d_sae": D_SAE, "architecture": family, "hook_name": "blocks.3.hook_resid_post",
-              "model_name": "synthetic", "jumprelu_bandwidth": 0.05, "jumprelu_init_threshold": 0.05}
-    if family == "topk":
-        fields["k"] = K
-    fields.update(overrides)
-    return MODEL_CLASSES[family](SAEConfig(**fields))
-
-
-def sparse_dictionary_data(n_tokens: int = 2048, n_atoms: int = 64, active: int = 3, seed: int = 0) -> Tensor:
-    """x = sum of `active` random unit atoms in R^32 with coefficients in [0.5, 1.5], an offset, and noise."""
-    gen = torch.Generator().manual_seed(seed)
-    atoms = F.normalize(torch.randn(n_atoms, D_IN, generator=gen), dim=-1)
-    chosen = torch.rand(n_tokens, n_atoms, generator=gen).topk(active, dim=-1).indices
-    coefficients = torch.zeros(n_tokens, n_atoms).scatter(-1, chosen, torch.rand(n_tokens, active, generator=gen) + 0.5)
-    offset = 0.5 * torch.randn(D_IN, generator=gen)
-    return coefficients @ atoms + offset + 0.01 * torch.randn(n_tokens, D_IN, generator=gen)
-
-
-def fraction_of_variance_unexplained(model: SparseAutoencoder, x: Tensor) -> float:
-    with torch.no_grad():
-        residual = (model(x) - x).pow(2).sum(-1).mean()
-    return float(residual / (x - x.mean(0)).pow(2).sum(-1).mean())
-
-
-def train(model: SparseAutoencoder, x: Tensor, steps: int = 300, batch: int = 256, lr: float = 3e-3,
-          **loss_kwargs: object) -> TrainingLoss:
-    """Adam on shuffled minibatches; returns the last step's loss."""
-    # Subnormal floats turn up in these tiny CPU runs and slow them 10x or more; torch's default is off.
-    torch.set_flush_denormal(True)
-    try:
-        optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-        gen = torch.Generator().manual_seed(1)
-        batches_per_epoch = len(x) // batch
-        for step in range(steps):
-            if step % batches_per_epoch == 0:
-                order = torch.randperm(len(x), generator=gen)
-            rows = order[(step % batches_per_epoch) * batch:][:batch]
-            loss = model.training_loss(x[rows], **loss_kwargs)
-            optimiser.zero_grad()
-            loss.total.backward()
-            optimiser.step()
-    finally:
-        torch.set_flush_denormal(False)
-    return loss
+from helpers import D_IN, D_SAE, fraction_of_variance_unexplained, make_sae, sparse_dictionary_data, train
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -94,6 +41,30 @@ def test_run_matches_the_reference_equations(family: str) -> None:
     h = (x - model.b_dec) @ model.W_enc + model.b_enc
     torch.testing.assert_close(output.pre_acts, h)
     torch.testing.assert_close(output.x_hat, output.latents.dense(D_SAE) @ model.W_dec + model.b_dec)
+
+
+def test_latents_dense_and_l0() -> None:
+    sparse = Latents(torch.tensor([[0.5, 0.0], [2.0, 1e-7]]), torch.tensor([[3, 1], [0, 2]]))
+    torch.testing.assert_close(sparse.dense(4), torch.tensor([[0.0, 0.0, 0.0, 0.5], [2.0, 0.0, 1e-7, 0.0]]))
+    assert sparse.l0() == 1.5 and sparse.l0(tolerance=1e-6) == 1.0
+    dense = Latents(sparse.dense(4), None)
+    assert dense.dense(4) is dense.values and dense.l0() == 1.5
+
+
+def test_reconstruction_mse_sums_dims_and_averages_tokens() -> None:
+    x, x_hat = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 3.0]])
+    assert reconstruction_mse(x, x_hat) == (3 + 9) / 2
+
+
+def test_decoder_norm_helpers() -> None:
+    model = make_sae("relu")
+    with torch.no_grad():
+        model.W_dec.mul_(3.0)
+    model.set_decoder_norm_to_unit_norm()
+    torch.testing.assert_close(model.W_dec.norm(dim=-1), torch.ones(D_SAE))
+    model.training_loss(sparse_dictionary_data(32)).total.backward()
+    model.remove_gradient_parallel_to_decoder_directions()
+    torch.testing.assert_close((model.W_dec.grad * model.W_dec).sum(-1), torch.zeros(D_SAE), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -126,6 +97,18 @@ def test_bf16_autocast_training_step_is_finite(family: str) -> None:
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and parameter.grad.dtype == parameter.dtype, name
         assert torch.isfinite(parameter.grad).all(), name
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_low_precision_weights_train(family: str, dtype: str) -> None:
+    model = make_sae(family, dtype=dtype)
+    loss = model.training_loss(sparse_dictionary_data(64), sparsity_coefficient=1e-3,
+                               dead_mask=torch.arange(D_SAE) % 2 == 0)
+    loss.total.backward()
+    assert torch.isfinite(loss.total)
+    for name, parameter in model.named_parameters():
+        assert parameter.grad.dtype == parameter.dtype and torch.isfinite(parameter.grad).all(), name
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,0 +1,305 @@
+"""Tests of the rational gate math (rsae.rational): pole-freeness, tails, analytic gradients, the
+compiled fast path against the eager reference, dtype policy and memory."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rsae.rational as rational
+from rsae.rational import compile_enabled, rational_gate, rational_reference
+
+DEGREES = [(3, 2), (9, 8), (12, 12), (4, 0)]
+
+
+def make_args(m: int, f: int, p: int, q: int, dtype: torch.dtype = torch.float64, seed: int = 0,
+              spread: float = 2.0) -> list[torch.Tensor]:
+    """x spans inside and outside [-1, 1] (spread > 1) so both the rational and the tails are hit."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, f, generator=gen, dtype=torch.float64) * spread
+    shift = torch.randn(f, generator=gen, dtype=torch.float64) * 0.1
+    scale_in = torch.rand(f, generator=gen, dtype=torch.float64) + 0.5
+    scale_out = torch.rand(f, generator=gen, dtype=torch.float64) + 0.5
+    numerator = torch.randn(p + 1, f, generator=gen, dtype=torch.float64) * 0.5
+    denominator = torch.rand(q, f, generator=gen, dtype=torch.float64)
+    return [t.to(dtype).requires_grad_() for t in (x, shift, scale_in, scale_out, numerator, denominator)]
+
+
+def reference_gate(x, shift, scale_in, scale_out, numerator, denominator):
+    cd = rational.compute_dtype(x, numerator)
+    u = (x.to(cd) - shift.to(cd)) / scale_in.to(cd)
+    return (scale_out.to(cd) * rational_reference(u, numerator, denominator).to(cd)).to(x.dtype)
+
+
+def denominator_q(t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    y = t.abs()
+    return 1.0 + sum((c[j - 1] * y**j for j in range(1, c.shape[0] + 1)), torch.zeros_like(t))
+
+
+# ------------------------------------------------------------------ analytic gradients (fp64)
+@pytest.mark.parametrize("degree", [(3, 2), (9, 8), (12, 12), (4, 0), (1, 1)])
+def test_gradcheck_fast_function_eager(degree):
+    p, q = degree
+    args = make_args(6, 5, p, q)
+    assert torch.autograd.gradcheck(lambda *a: rational_gate(*a, compiled=False), args)
+    # exactly-at-the-ends inputs and exact zeros (sign(0), |t|^0) are covered too
+    x = torch.tensor([[-3.0, -1.0, 0.0, 0.5, 1.0, 4.0]], dtype=torch.float64, requires_grad=True)
+    others = [t.detach()[..., :1].expand(*t.shape[:-1], 6).clone().requires_grad_() for t in args[1:]]
+    others[0] = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    others[1] = torch.ones(6, dtype=torch.float64, requires_grad=True)
+    out = rational_gate(x, *others, compiled=False)
+    ref = reference_gate(x, *others)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_shared_expanded_coefficients():
+    """Expanded (stride-0) shared coefficients: autograd must sum the [p+1, F] grads back."""
+    p, q = 5, 4
+    x, shift, scale_in, scale_out, _, _ = make_args(4, 6, p, q)
+    a = torch.randn(p + 1, dtype=torch.float64, requires_grad=True)
+    c = torch.rand(q, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, shift, scale_in, scale_out, a, c):
+        return rational_gate(x, shift, scale_in, scale_out, a[:, None].expand(p + 1, 6), c[:, None].expand(q, 6),
+                             compiled=False)
+
+    assert torch.autograd.gradcheck(fn, (x, shift, scale_in, scale_out, a, c))
+
+
+def test_eager_fast_matches_reference_fp64():
+    for p, q in DEGREES:
+        args = make_args(7, 9, p, q, seed=p)
+        out = rational_gate(*args, compiled=False)
+        ref = reference_gate(*args)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, args, g)
+        grads_ref = torch.autograd.grad(ref, args, g, allow_unused=True, materialize_grads=True)
+        for got, want in zip(grads, grads_ref, strict=False):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------ pole-freeness, tails
+extreme_raw = st.one_of(st.floats(-1e4, 1e4), st.sampled_from([-1e30, 1e30, 0.0, -50.0, 50.0]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    q=st.integers(0, 12),
+    p=st.integers(1, 12),
+    raw=st.lists(extreme_raw, min_size=12, max_size=12),
+    num=st.lists(st.floats(-1e3, 1e3), min_size=13, max_size=13),
+)
+def test_pole_free_for_any_parameters(p, q, raw, num):
+    c = F.softplus(torch.tensor(raw[:q], dtype=torch.float32)).unsqueeze(1)
+    a = torch.tensor(num[: p + 1], dtype=torch.float32).unsqueeze(1)
+    grid = torch.linspace(-1, 1, 401)
+    assert (denominator_q(grid, c) >= 1.0).all()
+    t = torch.cat([grid, torch.tensor([-1e6, -1e3, -10.0, 10.0, 1e3, 1e6])])
+    m = t.shape[0]
+    one, zero = torch.ones(m), torch.zeros(m)
+    a_cols, c_cols = a.expand(p + 1, m), c.expand(q, m)
+    out = rational_gate(t[None], zero, one, one, a_cols, c_cols, compiled=False)
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(rational_reference(t[None], a_cols, c_cols)).all()
+    # gradients stay finite too
+    tt = t[None].clone().requires_grad_()
+    aa = a_cols.clone().requires_grad_()
+    cc = c_cols.clone().requires_grad_()
+    rational_gate(tt, zero, one, one, aa, cc, compiled=False).sum().backward()
+    assert all(torch.isfinite(g).all() for g in (tt.grad, aa.grad, cc.grad))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_tails(compiled):
+    p, q = 5, 4
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(p + 1, 1, generator=gen, dtype=torch.float64)
+    c = torch.rand(q, 1, generator=gen, dtype=torch.float64)
+    t = torch.tensor([-1e6, -1e3, -10.0, 10.0, 1e3, 1e6], dtype=torch.float64)
+    m = t.shape[0]
+    out = rational_gate(t[None], torch.zeros(m, dtype=torch.float64), torch.ones(m, dtype=torch.float64),
+                        torch.ones(m, dtype=torch.float64), a.expand(p + 1, m), c.expand(q, m), compiled=compiled)[0]
+    assert torch.isfinite(out).all()
+    for s in (-1.0, 1.0):
+        end = torch.tensor([s], dtype=torch.float64, requires_grad=True)
+        big_p = sum(a[i] * end**i for i in range(p + 1))
+        value = big_p / denominator_q(end, c)
+        (slope,) = torch.autograd.grad(value.sum(), end)
+        side = t * s > 0
+        # Above 1 the tangent line at 1; below -1 the constant R(-1), flat like every gate's lower tail.
+        expected = value.detach() + (slope * (t[side] - s) if s > 0 else 0.0)
+        torch.testing.assert_close(out[side], expected.expand_as(out[side]), rtol=1e-12, atol=1e-9)
+    # no explosion: at most linear growth
+    assert out.abs().max() < 1e6 * 1e3
+
+
+# ------------------------------------------------------------------ gradients reach zero coefficients
+def test_gradients_reach_zero_coefficients():
+    m = 8
+    # asymmetric inputs and weights so that no odd/even symmetry cancels a gradient
+    x = torch.linspace(-3, 4.5, m, dtype=torch.float64)[None].requires_grad_()
+    weight = torch.linspace(1, 2, m, dtype=torch.float64)
+    shift = torch.zeros(m, dtype=torch.float64, requires_grad=True)
+    scale_in = torch.ones(m, dtype=torch.float64, requires_grad=True)
+    scale_out = torch.ones(m, dtype=torch.float64, requires_grad=True)
+    a = torch.zeros(4, 1, dtype=torch.float64, requires_grad=True)
+    raw = torch.zeros(3, 1, dtype=torch.float64, requires_grad=True)
+    for compiled in (False, True):
+        for t in (x, shift, scale_in, scale_out, a, raw):
+            t.grad = None
+        out = rational_gate(x, shift, scale_in, scale_out, a.expand(4, m), F.softplus(raw).expand(3, m),
+                            compiled=compiled)
+        (out * weight).sum().backward()
+        # all-zero numerator: output 0 and grad_x = 0 (slope 0) is correct; every coefficient moves
+        assert (a.grad != 0).all() and torch.isfinite(a.grad).all()
+        assert scale_out.grad is not None
+    # with P = 0 the denominator/x/shift/scale_in grads are exactly 0 by the math; give P a slope
+    for t in (x, shift, scale_in, scale_out):
+        t.grad = None
+    a2 = torch.tensor([[0.1], [1.0], [0.0], [0.0]], dtype=torch.float64, requires_grad=True)
+    raw2 = torch.zeros(3, 1, dtype=torch.float64, requires_grad=True)
+    out = rational_gate(x, shift, scale_in, scale_out, a2.expand(4, m), F.softplus(raw2).expand(3, m),
+                        compiled=False)
+    (out * weight).sum().backward()
+    for t in (x, shift, scale_in, scale_out, a2, raw2):
+        assert t.grad is not None and (t.grad != 0).any(), t
+    assert (a2.grad != 0).all() and (raw2.grad != 0).all()
+
+
+# ------------------------------------------------------------------ compiled fast path vs reference
+@pytest.mark.parametrize("degree", DEGREES)
+def test_compiled_matches_reference_fp32(degree):
+    p, q = degree
+    args = make_args(16, 24, p, q, dtype=torch.float32, seed=p + q)
+    out = rational_gate(*args, compiled=True)
+    ref = reference_gate(*args)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, args, g)
+    grads_ref = torch.autograd.grad(ref, args, g, allow_unused=True, materialize_grads=True)
+    for got, want in zip(grads, grads_ref, strict=False):
+        # column sums over 16 rows of O(1) terms: compare relative to the gradient's scale
+        scale = want.abs().max().item() if want.numel() else 1.0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * max(1.0, scale))
+
+
+def test_compiled_batch_size_change_does_not_recompile():
+    from torch._dynamo.utils import counters
+
+    p, q = 3, 2
+    args = make_args(16, 24, p, q, dtype=torch.float32)
+    rational_gate(*args, compiled=True).sum().backward()
+    before = counters["stats"]["unique_graphs"]
+    for m in (5, 33):
+        args = make_args(m, 24, p, q, dtype=torch.float32)
+        rational_gate(*args, compiled=True).sum().backward()
+    assert counters["stats"]["unique_graphs"] == before
+
+
+# ------------------------------------------------------------------ dtype policy
+@pytest.mark.parametrize("dtype,compiled", [(torch.bfloat16, True), (torch.float16, False)])
+def test_low_precision_input_computed_in_fp32(dtype, compiled):
+    p, q = 3, 2
+    args32 = make_args(8, 12, p, q, dtype=torch.float32)
+    x_low = args32[0].detach().to(dtype).requires_grad_()
+    params = [t.detach().requires_grad_() for t in args32[1:]]
+    out = rational_gate(x_low, *params, compiled=compiled)
+    assert out.dtype == dtype
+    x_up = x_low.detach().float().requires_grad_()
+    params_up = [t.detach().requires_grad_() for t in params]
+    ref = reference_gate(x_up, *params_up)
+    # fp32 result rounded once to the low dtype: within half an ulp of the low dtype
+    torch.testing.assert_close(out, ref.to(dtype), rtol=0, atol=0)
+    out.float().sum().backward()
+    ref.sum().backward()
+    assert x_low.grad.dtype == dtype
+    torch.testing.assert_close(x_low.grad, x_up.grad.to(dtype), rtol=0, atol=0)
+    for got, want in zip(params, params_up, strict=False):
+        assert got.grad.dtype == torch.float32
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_keeps_fp32_math():
+    p, q = 3, 2
+    args = make_args(8, 12, p, q, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = rational_gate(*args, compiled=False)
+        ref_inside = reference_gate(*args)
+    ref = reference_gate(*args)
+    assert out.dtype == torch.float32 and ref_inside.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ref_inside, ref, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ memory
+def saved_bytes(fn) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        # count each storage once: parameters and x are shared, not copies
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_fast_path_saves_only_the_input():
+    p, q = 5, 4
+    m, f = 64, 32
+    x = torch.randn(m, f, requires_grad=True)
+    small = [torch.zeros(f, requires_grad=True), torch.ones(f, requires_grad=True), torch.ones(f, requires_grad=True)]
+    a = torch.randn(p + 1, 1, requires_grad=True)
+    c = torch.rand(q, 1, requires_grad=True)
+    x_bytes = x.numel() * 4
+    fast = saved_bytes(lambda: rational_gate(x, *small, a.expand(p + 1, f), c.expand(q, f), compiled=False))
+    ref = saved_bytes(lambda: reference_gate(x, *small, a.expand(p + 1, f), c.expand(q, f)))
+    params = sum(t.numel() * 4 for t in (*small, a, c))
+    assert fast <= x_bytes + params
+    assert ref > 10 * x_bytes  # eager autograd keeps ~20x
+
+
+# ------------------------------------------------------------------ configuration, fallback, errors
+def test_env_var_disables_compile(monkeypatch):
+    monkeypatch.setenv("RSAE_COMPILE", "0")
+    assert not compile_enabled()
+    monkeypatch.setenv("RSAE_COMPILE", "1")
+    assert compile_enabled()
+
+
+def test_compile_failure_falls_back_with_one_warning(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("simulated inductor failure")
+
+    monkeypatch.setattr(rational, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(rational, "_variant", lambda args: ("broken",))
+    monkeypatch.setitem(rational._COMPILED, ("fwd", 2, 1, ("broken",)), broken)
+    monkeypatch.setitem(rational._COMPILED, ("bwd", 2, 1, ("broken",)), broken)
+    args = make_args(4, 3, 2, 1, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="falling back to eager"):
+        out = rational_gate(*args, compiled=True)
+    torch.testing.assert_close(out, reference_gate(*args), rtol=1e-6, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = rational_gate(*args, compiled=True)
+        out.sum().backward()
+
+
+def test_shape_errors():
+    args = make_args(4, 3, 2, 1)
+    x, shift, scale_in, scale_out, a, c = args
+    with pytest.raises(ValueError, match="shift"):
+        rational_gate(x, shift[:2], scale_in, scale_out, a, c)
+    with pytest.raises(ValueError, match="numerator"):
+        rational_gate(x, shift, scale_in, scale_out, a[:1], c)
+    with pytest.raises(ValueError, match="denominator"):
+        rational_gate(x, shift, scale_in, scale_out, a, c[:, :2])
+    with pytest.raises(ValueError, match="2-D"):
+        rational_gate(x[0], shift, scale_in, scale_out, a, c)
