@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from rsae.calibration import threshold_scales, topk_threshold
 from rsae.config import GATE_MODES, CoefficientSharing, GateMode, SAEConfig
 from rsae.gate import RationalGate
 from rsae.jumprelu_sae import step
@@ -29,6 +30,8 @@ from rsae.remez import GateFit, fit_gate, lookup_fit
 from rsae.sae import Latents, SAEOutput, SparseAutoencoder, TrainingLoss, reconstruction_mse
 from rsae.sparse_codes import topk_encode, topk_relu
 from rsae.topk_sae import dead_latent_auxk
+
+__all__ = ["DEFAULT_DEGREES", "RSAE", "topk_threshold"]
 
 DEFAULT_DEGREES: dict[str, tuple[int, int]] = {"relu": (3, 2), "jumprelu": (9, 8), "topk": (9, 8)}
 """The paper's degrees per teacher family."""
@@ -108,7 +111,7 @@ class RSAE(SparseAutoencoder):
             else:
                 assert fit is not None
                 model.gate.set_coefficients(torch.as_tensor(fit.numerator), torch.as_tensor(fit.denominator))
-                scale = _latent_scales(teacher, fit, activations)
+                scale = threshold_scales(teacher, fit, activations)
                 model.gate.shift.zero_()
                 model.gate.scale_in.copy_(scale)
                 model.gate.scale_out.copy_(scale)
@@ -185,38 +188,3 @@ class RSAE(SparseAutoencoder):
         total = mse + sparsity_coefficient * sparsity + auxk_coefficient * auxk
         return TrainingLoss(total, mse, sparsity, auxk, output)
 
-
-def _latent_scales(teacher: SparseAutoencoder, fit: GateFit, activations: Tensor | None) -> Tensor:
-    """Per-latent scale C with phi_i(h) = C_i r(h / C_i), mapping each latent's threshold onto the fit's.
-
-    The gates are positively homogeneous: h H(h - theta) = C u H(u - theta_0) with u = h / C and
-    C = theta / theta_0. ReLU has no threshold, so C = 1 until calibration picks a data quantile."""
-    d_sae = teacher.cfg.d_sae
-    if teacher.cfg.family == "relu":
-        return torch.ones(d_sae, device=teacher.device)
-    assert fit.threshold is not None
-    if teacher.cfg.family == "jumprelu":
-        theta = teacher.threshold.detach().float()
-    else:
-        if activations is None:
-            raise ValueError(
-                "a TopK teacher stores k but no threshold: pass activations=[N, d_in] so from_teacher can "
-                "estimate one (mean over tokens of the smallest kept activation), or use mode='masked'"
-            )
-        theta = topk_threshold(teacher, activations).expand(d_sae)
-    # A threshold at or below 0 has no jump to map. Flooring it at a tenth of the typical threshold
-    # keeps the latent nearly ReLU without a tiny scale, whose huge gradients would derail Adam.
-    positive = theta[theta > 0]
-    floor = 0.1 * float(positive.median()) if positive.numel() else 1.0
-    return theta.clamp_min(floor) / fit.threshold
-
-
-@torch.no_grad()
-def topk_threshold(teacher: SparseAutoencoder, activations: Tensor) -> Tensor:
-    """Global threshold of a TopK teacher: the mean over tokens of the smallest kept activation (as BatchTopK)."""
-    latents = teacher.run(activations).latents
-    kept = latents.values.float().masked_fill(latents.values <= 0, float("inf")).amin(-1)
-    kept = kept[torch.isfinite(kept)]
-    if kept.numel() == 0:
-        raise ValueError("the TopK teacher kept no positive activation on these activations; pass real activations")
-    return kept.mean()

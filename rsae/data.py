@@ -1,0 +1,382 @@
+"""`ActivationDataModule`: stream LM activations to a Lightning fit, from a cache or straight from the LM.
+
+How an epoch is read
+  * The split's shards (train: all but the held-out ones; validation: the last `val_shards`; test: the
+    `test_shards` before them) are put in an order: a seeded permutation per epoch for training, the
+    natural order for evaluation. Their rows form one virtual sequence of N rows.
+  * Under DDP (or any `world_size`) rank r reads rows [r*M, (r+1)*M) of it with M = N // world_size:
+    ranks read disjoint rows, the same number of batches each, and together the whole epoch
+    (less at most world_size - 1 rows).
+  * Token-level shuffle: each rank's range is cut into windows of `shuffle_buffer` rows (rounded to a
+    multiple of `batch_size`, spanning shard boundaries), each window is copied into memory and its rows
+    are permuted with a generator seeded by (seed, epoch, rank, window). Batches are slices of that.
+  * Mid-epoch state: the DataModule counts the training batches Lightning actually consumes
+    (`on_before_batch_transfer`, so prefetching does not count) and `state_dict()` returns
+    {epoch, rows}; Lightning stores it in checkpoints and a resumed fit continues at exactly the
+    next unseen row (the permutation is recomputed, not stored). If your LightningModule overrides
+    `on_before_batch_transfer` itself, Lightning does not call the DataModule's and resume restarts the epoch.
+
+Normalisation: with `normalize=True` activations are multiplied by `norm_factor` so their mean L2 norm
+over the training shards is `target_norm` (default sqrt(d_in), the SAELens convention). The factor comes
+from the per-shard mean norms in the cache manifest (no extra pass), is exposed as `self.norm_factor`
+and in `self.metadata()`, and an SAE trained on scaled activations is turned into one for raw
+activations by dividing `b_dec` and the decoder output by it (fold it into W_dec/b_dec on export).
+
+On-the-fly mode (`on_the_fly=OnTheFly(...)`): no cache; "virtual shards" of `sequences_per_shard`
+sequences are tokenised up front (cheap) and their activations computed by the LM when a window
+needs them. Same splits, shuffling, DDP split and resume; the factor comes from a sample of shards.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from rsae.cache import ActivationCache, CacheError, from_storage
+
+
+# --- row sources ---------------------------------------------------------------------------------
+
+
+class CacheRows:
+    """Rows of one hook from an activation cache (memory-mapped shards)."""
+
+    def __init__(self, cache: ActivationCache, hook: str) -> None:
+        self.cache, self.hook = cache, hook
+        self.shard_rows = [int(s["n_rows"]) for s in cache.shards]
+        self.d_in = cache.d_model
+        self.dtype = cache.dtype
+        self.storage = np.uint16 if self.dtype == "bfloat16" else np.float16
+        self._arrays: dict[int, np.ndarray] = {}
+
+    def array(self, shard: int) -> np.ndarray:
+        if shard not in self._arrays:
+            self._arrays[shard] = self.cache.activations_array(shard, self.hook)
+        return self._arrays[shard]
+
+    def token_ids(self, shard: int) -> np.ndarray:
+        return self.cache.token_ids(shard)
+
+    def mean_norm(self, shards: list[int]) -> float:
+        return self.cache.mean_norm(self.hook, shards)
+
+
+@dataclass
+class OnTheFly:
+    """Run the LM inside the loader instead of reading a cache."""
+
+    model: str = "smollm2-135m"
+    hook_name: str = "blocks.15.hook_resid_post"
+    corpus: str = "shakespeare"
+    n_tokens: int = 100_000
+    seq_len: int = 128
+    sequences_per_shard: int = 64
+    batch_size: int = 16
+    autocast_bf16: bool = True
+    device: str = "cpu"
+    lm: Any = None
+    """An already loaded `rsae.lm.LanguageModel` (else `model` is loaded)."""
+
+
+class LMRows:
+    """Rows computed by the LM on demand, one virtual shard at a time (the last one is kept)."""
+
+    def __init__(self, spec: OnTheFly) -> None:
+        from rsae.cache import _forward_cache
+        from rsae.lm import load_lm, special_mask
+        from rsae.text import corpus_sequences, lm_encoder
+
+        self.spec = spec
+        self.lm = spec.lm if spec.lm is not None else load_lm(spec.model, device=spec.device)
+        self.hook = self.lm.check_hooks([spec.hook_name])[0]
+        self._stop = self.lm.stop_layer([self.hook])
+        self._forward = _forward_cache
+        encode, eos = lm_encoder(self.lm)
+        n_seq = math.ceil(spec.n_tokens / spec.seq_len)
+        tokens = list(corpus_sequences(spec.corpus, encode, spec.seq_len, self.lm.bos_token_id, eos, max_sequences=n_seq))
+        if not tokens:
+            raise CacheError(f"corpus {spec.corpus!r} yields no sequence of {spec.seq_len} tokens")
+        all_tokens = torch.from_numpy(np.stack(tokens)).long()
+        self.tokens = list(all_tokens.split(spec.sequences_per_shard))
+        self.keep = [~special_mask(t, self.lm.special_token_ids) for t in self.tokens]
+        self.shard_rows = [int(k.sum()) for k in self.keep]
+        self.d_in = self.lm.d_model
+        self.dtype = "float32"
+        self.storage = np.float32
+        self.model_name = self.lm.name
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def array(self, shard: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != shard:
+            parts = []
+            for tok, keep in zip(self.tokens[shard].split(self.spec.batch_size),
+                                 self.keep[shard].split(self.spec.batch_size)):
+                acts = self._forward(self.lm, tok, [self.hook], self._stop, self.spec.autocast_bf16)[self.hook]
+                parts.append(acts[keep.to(acts.device)].float().cpu())
+            self._cached = (shard, torch.cat(parts).numpy())
+        return self._cached[1]
+
+    def token_ids(self, shard: int) -> np.ndarray:
+        return self.tokens[shard][self.keep[shard]].numpy().astype(np.int32)
+
+    def mean_norm(self, shards: list[int]) -> float:
+        sample = shards[: max(1, min(len(shards), 2))]
+        norms = [np.linalg.norm(self.array(s).astype(np.float64), axis=-1) for s in sample]
+        return float(np.concatenate(norms).mean())
+
+
+# --- the stream ----------------------------------------------------------------------------------
+
+
+class RowStream(IterableDataset):
+    """Batches of rows of a split, shuffled at token level, split across ranks, resumable.
+
+    Iterating yields `[batch_size, d_in]` tensors (or `(acts, token_ids)` with `return_token_ids`)."""
+
+    def __init__(self, source: Any, shards: list[int], batch_size: int, shuffle: bool, shuffle_buffer: int,
+                 seed: int, scale: float = 1.0, dtype: torch.dtype = torch.float32, return_token_ids: bool = False,
+                 rank_fn: Callable[[], tuple[int, int]] | None = None, epoch_fn: Callable[[], int] | None = None,
+                 ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size}: expected a positive number of tokens")
+        if not shards:
+            raise ValueError("this split has no shards")
+        self.source, self.shards, self.batch_size = source, list(shards), batch_size
+        self.shuffle, self.seed, self.scale, self.dtype = shuffle, seed, scale, dtype
+        self.window = max(1, shuffle_buffer // batch_size) * batch_size
+        self.return_token_ids = return_token_ids
+        self.rank_fn = rank_fn or _dist_rank
+        self.epoch_fn = epoch_fn
+        self._own_epoch = 0
+        self.resume: tuple[int, int] | None = None
+        """(epoch, rows already consumed on this rank): the next iteration of that epoch starts there."""
+        self.rows_yielded = 0
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(self.shards)
+        rng = np.random.default_rng([self.seed, epoch, 0x5A])
+        return [self.shards[i] for i in rng.permutation(len(self.shards))]
+
+    def rank_range(self, epoch: int) -> tuple[list[int], int, int]:
+        """(shard order, first row, row count) of this rank's part of the epoch."""
+        rank, world = self.rank_fn()
+        order = self.order(epoch)
+        total = sum(self.source.shard_rows[s] for s in order)
+        per_rank = total // world
+        return order, rank * per_rank, per_rank
+
+    def n_batches(self, epoch: int = 0) -> int:
+        return math.ceil(self.rank_range(epoch)[2] / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.n_batches()
+
+    def _segments(self, order: list[int], start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(shard, local start, local stop) pieces of the virtual rows [start, stop)."""
+        offset = 0
+        for shard in order:
+            n = self.source.shard_rows[shard]
+            lo, hi = max(start, offset), min(stop, offset + n)
+            if lo < hi:
+                yield shard, lo - offset, hi - offset
+            offset += n
+            if offset >= stop:
+                return
+
+    def _window(self, order: list[int], start: int, stop: int, want_ids: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        pieces = list(self._segments(order, start, stop))
+        out = np.empty((stop - start, self.source.d_in), dtype=self.source.storage)
+        ids = np.empty(stop - start, dtype=np.int32) if want_ids else None
+        at = 0
+        for shard, lo, hi in pieces:
+            out[at: at + hi - lo] = self.source.array(shard)[lo:hi]
+            if ids is not None:
+                ids[at: at + hi - lo] = self.source.token_ids(shard)[lo:hi]
+            at += hi - lo
+        return out, ids
+
+    def current_epoch(self) -> int:
+        return self.epoch_fn() if self.epoch_fn is not None else self._own_epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.current_epoch()
+        rank, _ = self.rank_fn()
+        order, first, count = self.rank_range(epoch)
+        skip = 0
+        if self.resume is not None and self.resume[0] == epoch:
+            skip = min(self.resume[1], count)
+        self.resume = None
+        self.rows_yielded = skip
+        for w_start in range((skip // self.window) * self.window, count, self.window):
+            w_stop = min(w_start + self.window, count)
+            rows, ids = self._window(order, first + w_start, first + w_stop, self.return_token_ids)
+            perm = None
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, epoch, rank, w_start // self.window]).permutation(len(rows))
+            for b in range(max(skip - w_start, 0), len(rows), self.batch_size):
+                idx = slice(b, b + self.batch_size) if perm is None else perm[b: b + self.batch_size]
+                batch = from_storage(rows[idx], self.source.dtype).to(self.dtype)
+                if self.scale != 1.0:
+                    batch.mul_(self.scale)
+                self.rows_yielded = w_start + min(b + self.batch_size, len(rows))
+                yield (batch, torch.from_numpy(ids[idx]).long()) if ids is not None else batch
+        if self.epoch_fn is None:
+            self._own_epoch += 1
+
+
+def _dist_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+# --- the DataModule ------------------------------------------------------------------------------
+
+
+class ActivationDataModule(pl.LightningDataModule):
+    """Lightning DataModule over an activation cache (or the LM itself, `on_the_fly`).
+
+    Args:
+        cache: URL/path of a cache written by `rsae cache` (None with `on_the_fly`).
+        hook_name: which cached hook to read (default: the cache's only hook).
+        batch_size: tokens per batch (per rank).
+        shuffle_buffer: rows shuffled together (token level) per window.
+        val_shards / test_shards: shards held out from training (the last ones).
+        seed: seeds the shard order and the shuffles (same seed, same data order).
+        normalize / target_norm: scale activations to this mean L2 norm (default sqrt(d_in)).
+        dtype: dtype of the yielded batches.
+        return_token_ids: yield `(activations, token_ids)` instead of activations alone.
+        verify: shard verification before first read: 'sha256' (default), 'header' or 'none'.
+        on_the_fly: an `OnTheFly` spec: run the LM in the loader instead of reading a cache.
+    """
+
+    def __init__(self, cache: str | None = None, hook_name: str | None = None, batch_size: int = 4096,
+                 shuffle_buffer: int = 1 << 17, val_shards: int = 1, test_shards: int = 0, seed: int = 0,
+                 normalize: bool = False, target_norm: float | None = None, dtype: str = "float32",
+                 return_token_ids: bool = False, verify: str = "sha256", on_the_fly: OnTheFly | None = None) -> None:
+        super().__init__()
+        if (cache is None) == (on_the_fly is None):
+            raise ValueError("pass exactly one of cache= (a cache folder/URL) and on_the_fly= (an OnTheFly spec)")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={dtype!r}: expected 'float32', 'bfloat16' or 'float16'")
+        if on_the_fly is not None:
+            self.source: Any = LMRows(on_the_fly)
+            self.hook_name = self.source.hook
+            self.model_name = self.source.model_name
+            self.cache = None
+        else:
+            self.cache = ActivationCache(cache, verify=verify)
+            self.hook_name = self.cache.check_hook(hook_name)
+            self.source = CacheRows(self.cache, self.hook_name)
+            self.model_name = self.cache.model
+        self.d_in: int = self.source.d_in
+        n = len(self.source.shard_rows)
+        if val_shards < 0 or test_shards < 0 or val_shards + test_shards >= n:
+            raise ValueError(
+                f"val_shards={val_shards} + test_shards={test_shards} must leave training shards: the data has {n} "
+                "shards (cache more tokens or use smaller shards)"
+            )
+        self.train_shards = list(range(n - val_shards - test_shards))
+        self.test_shard_ids = list(range(n - val_shards - test_shards, n - val_shards))
+        self.val_shard_ids = list(range(n - val_shards, n))
+        self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
+        self.dtype = getattr(torch, dtype)
+        self.return_token_ids = return_token_ids
+        self.normalize = normalize
+        self.target_norm = float(target_norm) if target_norm is not None else math.sqrt(self.d_in)
+        self.mean_norm = self.source.mean_norm(self.train_shards)
+        self.norm_factor: float = self.target_norm / self.mean_norm if normalize and self.mean_norm > 0 else 1.0
+        self._train: RowStream | None = None
+        self._consumed = 0
+        self._consumed_epoch = 0
+        self._pending_state: dict[str, Any] | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        """Provenance to store with a trained SAE (e.g. in `SAEConfig.extra`)."""
+        return {"model_name": self.model_name, "hook_name": self.hook_name, "d_in": self.d_in,
+                "norm_factor": self.norm_factor, "target_norm": self.target_norm if self.normalize else None,
+                "mean_norm": self.mean_norm, "cache": self.cache.url if self.cache is not None else "on-the-fly",
+                "seed": self.seed, "train_shards": len(self.train_shards)}
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self._trainer_or_none()
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return _dist_rank()
+
+    def _trainer_or_none(self) -> Any:
+        return getattr(self, "trainer", None)
+
+    def _epoch(self) -> int:
+        trainer = self._trainer_or_none()
+        return trainer.current_epoch if trainer is not None else self._consumed_epoch
+
+    def _stream(self, shards: list[int], shuffle: bool, epoch_fn: Callable[[], int] | None) -> RowStream:
+        return RowStream(self.source, shards, self.batch_size, shuffle, self.shuffle_buffer, self.seed,
+                         self.norm_factor, self.dtype, self.return_token_ids, self._rank, epoch_fn)
+
+    def train_dataloader(self) -> DataLoader:
+        self._train = self._stream(self.train_shards, True, self._epoch)
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+        return DataLoader(self._train, batch_size=None, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_shard_ids:
+            return []
+        return DataLoader(self._stream(self.val_shard_ids, False, lambda: 0), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader | list:
+        if not self.test_shard_ids:
+            return []
+        return DataLoader(self._stream(self.test_shard_ids, False, lambda: 0), batch_size=None)
+
+    # --- mid-epoch state ---------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self._trainer_or_none()
+        if trainer is not None and trainer.training:
+            epoch = trainer.current_epoch
+            if epoch != self._consumed_epoch:
+                self._consumed_epoch, self._consumed = epoch, 0
+            if self._train is not None and self._consumed == 0 and self._train.rows_yielded > 0:
+                # first batch after a resume: the stream started past the restored rows
+                self._consumed = self._train.rows_yielded - _batch_rows(batch)
+            self._consumed += _batch_rows(batch)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        _, world = self._rank()
+        return {"epoch": self._consumed_epoch, "rows": self._consumed, "world_size": world, "seed": self.seed,
+                "batch_size": self.batch_size, "norm_factor": self.norm_factor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._train is None:
+            self._pending_state = dict(state)
+        else:
+            self._apply_state(state)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        _, world = self._rank()
+        if state.get("seed") != self.seed or state.get("world_size") != world:
+            warnings.warn(
+                f"ActivationDataModule: checkpoint was taken with seed={state.get('seed')}, "
+                f"world_size={state.get('world_size')}; now seed={self.seed}, world_size={world}. "
+                "The interrupted epoch restarts from its beginning.", stacklevel=2)
+            return
+        assert self._train is not None
+        self._consumed_epoch, self._consumed = int(state["epoch"]), int(state["rows"])
+        self._train.resume = (self._consumed_epoch, self._consumed)
+
+
+def _batch_rows(batch: Any) -> int:
+    return int((batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0])
