@@ -184,7 +184,6 @@ class RationalGate(nn.Module):
                 raise ValueError(f"expected h of shape [..., {self.d_sae}] (d_sae), got {tuple(h.shape)}")
             x = h.reshape(-1, self.d_sae)
             shift, scale_out, cols = self.shift, self.scale_out, self.group_index
-            n_cols = self.d_sae
         else:
             if latent_index.shape != h.shape:
                 raise ValueError(
@@ -199,11 +198,10 @@ class RationalGate(nn.Module):
             x = h.reshape(1, -1)
             shift, scale_in, scale_out = self.shift[idx], scale_in[idx], self.scale_out[idx]
             cols = self.group_index[idx]
-            n_cols = idx.shape[0]
         if self.n_coefficient_sets == 1:
-            # Stride-0 views: no [p+1, F] copy; autograd sums the [p+1, F] grads back to [1, p+1].
-            num_cols = numerator[0].unsqueeze(1).expand(p + 1, n_cols)
-            den_cols = denominator[0].unsqueeze(1).expand(q, n_cols)
+            # [p+1, 1]: the kernel broadcasts them and returns whole-tensor sums as their gradients.
+            num_cols = numerator.t()
+            den_cols = denominator.t()
         else:
             num_cols = numerator[cols].t()
             den_cols = denominator[cols].t()

@@ -89,10 +89,15 @@ def _check_shapes(x: Tensor, shift: Tensor, scale_in: Tensor, scale_out: Tensor,
     for name, t in (("shift", shift), ("scale_in", scale_in), ("scale_out", scale_out)):
         if t.shape != (n_cols,):
             raise ValueError(f"{name} must have shape ({n_cols},) to match x's last dim, got {tuple(t.shape)}")
-    if numerator.dim() != 2 or numerator.shape[1] != n_cols or numerator.shape[0] < 2:
-        raise ValueError(f"numerator must have shape [p+1, {n_cols}] with p >= 1, got {tuple(numerator.shape)}")
-    if denominator.dim() != 2 or denominator.shape[1] != n_cols:
-        raise ValueError(f"denominator must have shape [q, {n_cols}] (q may be 0), got {tuple(denominator.shape)}")
+    if numerator.dim() != 2 or numerator.shape[1] not in (1, n_cols) or numerator.shape[0] < 2:
+        raise ValueError(
+            f"numerator must have shape [p+1, {n_cols}] or [p+1, 1] (shared) with p >= 1, got {tuple(numerator.shape)}"
+        )
+    if denominator.dim() != 2 or denominator.shape[1] != numerator.shape[1]:
+        raise ValueError(
+            f"denominator must have shape [q, {numerator.shape[1]}] like the numerator (q may be 0), "
+            f"got {tuple(denominator.shape)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,7 +215,12 @@ def _forward_body(p: int, q: int) -> Callable[..., Tensor]:
     return rational_forward
 
 
-def _backward_body(p: int, q: int) -> Callable[..., tuple[Tensor, ...]]:
+def _backward_body(p: int, q: int, shared: bool) -> Callable[..., tuple[Tensor, ...]]:
+    def coefficient_sum(t: Tensor) -> Tensor:
+        # Shared coefficients need only whole-tensor sums, which stream through memory; column sums
+        # walk down the rows with a stride of one row and are the slow part of this kernel.
+        return t.sum().reshape(1) if shared else t.sum(0)
+
     def rational_backward(grad: Tensor, x: Tensor, shift: Tensor, inv_scale_in: Tensor, scale_out: Tensor,
                           numerator: Tensor, denominator: Tensor) -> tuple[Tensor, ...]:
         cd = inv_scale_in.dtype
@@ -240,7 +250,7 @@ def _backward_body(p: int, q: int) -> Callable[..., tuple[Tensor, ...]]:
         # both, with tc^i = sgn * y^i for odd i. The slope part only lives in the tails (|tc| = 1),
         # where it is (per column) w d dR'(+-1)/dcoef: two sums suffice, combined outside.
         w_q_sgn = w_q * sgn
-        sums_a = [w_q.sum(0), (w_q * tc).sum(0)]
+        sums_a = [coefficient_sum(w_q), coefficient_sum(w_q * tc)]
         sums_c = []
         w_qr = -w_q * value
         power = y
@@ -248,10 +258,10 @@ def _backward_body(p: int, q: int) -> Callable[..., tuple[Tensor, ...]]:
             if k > 1:
                 power = power * y
                 if k <= p:
-                    sums_a.append(((w_q_sgn if k % 2 else w_q) * power).sum(0))
+                    sums_a.append(coefficient_sum((w_q_sgn if k % 2 else w_q) * power))
             if k <= q:
-                sums_c.append((w_qr * power).sum(0))
-        tail_pos = (w * d.clamp_min(0.0)).sum(0)
+                sums_c.append(coefficient_sum(w_qr * power))
+        tail_pos = coefficient_sum(w * d.clamp_min(0.0))
         return (
             grad_x.to(x.dtype),
             sum_grad_x,
@@ -298,11 +308,13 @@ _COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
 _COMPILE_FAILED = False
 
 
-def _body(kind: str, p: int, q: int, compiled: bool, variant: tuple[Any, ...] = ()) -> Callable[..., Any]:
-    key = (kind, p, q, variant)
+def _body(
+    kind: str, p: int, q: int, shared: bool, compiled: bool, variant: tuple[Any, ...] = ()
+) -> Callable[..., Any]:
+    key = (kind, p, q, shared, variant)
     if key not in _EAGER:
-        maker = _forward_body if kind == "fwd" else _backward_body
-        _EAGER[key] = _fresh_code(maker(p, q), f"p{p}_q{q}_v{len(_EAGER)}")
+        body = _forward_body(p, q) if kind == "fwd" else _backward_body(p, q, shared)
+        _EAGER[key] = _fresh_code(body, f"p{p}_q{q}_v{len(_EAGER)}")
     if not compiled:
         return _EAGER[key]
     if key not in _COMPILED:
@@ -318,11 +330,11 @@ def _variant(args: tuple[Tensor, ...]) -> tuple[Any, ...]:
     return tuple((t.dtype, tuple(size == 1 for size in t.shape)) for t in args)
 
 
-def _run(kind: str, p: int, q: int, compiled: bool, *args: Tensor) -> Any:
+def _run(kind: str, p: int, q: int, shared: bool, compiled: bool, *args: Tensor) -> Any:
     global _COMPILE_FAILED
     if compiled and not _COMPILE_FAILED:
         try:
-            return _body(kind, p, q, True, _variant(args))(*args)
+            return _body(kind, p, q, shared, True, _variant(args))(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure must degrade, not crash training
             _COMPILE_FAILED = True
             warnings.warn(
@@ -331,7 +343,7 @@ def _run(kind: str, p: int, q: int, compiled: bool, *args: Tensor) -> Any:
                 RuntimeWarning,
                 stacklevel=3,
             )
-    return _body(kind, p, q, False)(*args)
+    return _body(kind, p, q, shared, False)(*args)
 
 
 def _compact(coefs: Tensor, cd: torch.dtype) -> Tensor:
@@ -361,7 +373,7 @@ class _RationalGateFunction(torch.autograd.Function):
             cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
             a, c = _compact(numerator, cd), _compact(denominator, cd)
             _, slope_pos, _, _ = _endpoint(a, c, 1)
-            return _run("fwd", p, q, compiled, x, shift.to(cd), 1.0 / scale_in.to(cd), scale_out.to(cd), a, c,
+            return _run("fwd", p, q, False, compiled, x, shift.to(cd), 1.0 / scale_in.to(cd), scale_out.to(cd), a, c,
                         slope_pos)
 
     @staticmethod
@@ -372,8 +384,9 @@ class _RationalGateFunction(torch.autograd.Function):
             cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
             a, c = _compact(numerator, cd), _compact(denominator, cd)
             inv_scale_in = 1.0 / scale_in.to(cd)
+            shared = numerator.shape[1] == 1
             grad_x, sum_gx, sum_gxu, sum_gr, sums_a, sums_c, tail_pos = _run(
-                "bwd", p, q, ctx.compiled, grad, x, shift.to(cd), inv_scale_in, scale_out.to(cd), a, c)
+                "bwd", p, q, shared, ctx.compiled, grad, x, shift.to(cd), inv_scale_in, scale_out.to(cd), a, c)
             _, _, dpos_da, dpos_dc = _endpoint(a, c, 1)
             # dpos_da etc. are [p+1, 1] for shared coefficients: broadcasting restores [p+1, F].
             grad_a = sums_a + tail_pos * dpos_da

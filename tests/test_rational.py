@@ -71,6 +71,22 @@ def test_gradcheck_shared_expanded_coefficients():
     assert torch.autograd.gradcheck(fn, (x, shift, scale_in, scale_out, a, c))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_shared_coefficients_take_whole_tensor_sums(compiled):
+    """[p+1, 1] / [q, 1] coefficients broadcast over columns; their gradients are whole-tensor sums."""
+    p, q = 5, 4
+    args = make_args(4, 6, p, q)
+    a, c = (t.detach()[:, :1].clone().requires_grad_() for t in args[4:])
+    if not compiled:
+        assert torch.autograd.gradcheck(lambda *t: rational_gate(*t, compiled=False), (*args[:4], a, c))
+    out = rational_gate(*args[:4], a, c, compiled=compiled)
+    ref = reference_gate(*args[:4], a.expand(p + 1, 6), c.expand(q, 6))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (a, c), g), torch.autograd.grad(ref, (a, c), g),
+                               rtol=1e-9, atol=1e-9)
+
+
 def test_eager_fast_matches_reference_fp64():
     for p, q in DEGREES:
         args = make_args(7, 9, p, q, seed=p)
@@ -280,8 +296,8 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
 
     monkeypatch.setattr(rational, "_COMPILE_FAILED", False)
     monkeypatch.setattr(rational, "_variant", lambda args: ("broken",))
-    monkeypatch.setitem(rational._COMPILED, ("fwd", 2, 1, ("broken",)), broken)
-    monkeypatch.setitem(rational._COMPILED, ("bwd", 2, 1, ("broken",)), broken)
+    monkeypatch.setitem(rational._COMPILED, ("fwd", 2, 1, False, ("broken",)), broken)
+    monkeypatch.setitem(rational._COMPILED, ("bwd", 2, 1, False, ("broken",)), broken)
     args = make_args(4, 3, 2, 1, dtype=torch.float32)
     with pytest.warns(RuntimeWarning, match="falling back to eager"):
         out = rational_gate(*args, compiled=True)
