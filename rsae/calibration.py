@@ -11,9 +11,12 @@ activations once through the teacher, collects per-latent statistics, and then:
      active values inside the fitted window. Reproduction stays exact; no refine is needed (the
      L2 optimum is the identity itself), so none is run.
    - `pure` / `thresholded`: JumpReLU latents map their threshold onto the fit's canonical one
-     (`C = theta_i / theta_0`, exact by positive homogeneity); TopK latents use one threshold
-     estimated from data (mean over tokens of the smallest kept activation, as BatchTopK);
-     ReLU latents use the `quantile` of their positive pre-activations. `C_in = C_out`, shift 0.
+     (`C = theta_i / theta_0`, exact by positive homogeneity); TopK latents use a threshold
+     estimated from data (below); ReLU latents use the `quantile` of their positive pre-activations.
+     `C_in = C_out`, shift 0.
+     TopK is not a pointwise gate: one global threshold (the mean smallest kept activation, as
+     BatchTopK, reported) fits frequent and rare latents badly, so each latent gets the level it
+     exceeds exactly as often as the teacher keeps it (falling back to the global one if never kept).
      The window [-1, 1] then covers `|h| <= C`; beyond it the gate-shaped tails (tangent line
      above, constant below) carry the identity / zero branches, and the refine below fixes what
      the canonical mapping gets wrong where the data actually lies.
@@ -25,6 +28,12 @@ activations once through the teacher, collects per-latent statistics, and then:
    log denominator): the shipped coefficients span 1e-2..1e2 and raw parameters would move
    by wildly different relative amounts. In `thresholded` mode the fit is to the gate before
    the hard zero. The result is kept only if it lowers the loss on the calibration tokens.
+3. **Zero band** (`thresholded`, `match_l0=True`): `cfg.threshold_eps` is set so that the exact
+   L0 on the calibration tokens equals the teacher's (the hard zero keeps `|phi_i| > eps C_out_i`,
+   so this is one order statistic of `|phi_i| / C_out_i`). For jump families it is capped at
+   0.9 theta_0: a teacher-active latent has `h >= theta_i`, i.e. `|phi| / C_out ~ u >= theta_0`,
+   so the band never cuts the teacher's support, only the transition region below it. Without
+   this, eps is `RSAE.from_teacher`'s (twice the fit error), whose L0 missed by a few percent.
 
 Dead latents (no token in the teacher's support during calibration) keep a defined
 initialisation, never NaN: `masked` and ReLU use the median scale of the live latents (1.0 if
@@ -90,6 +99,8 @@ class CalibrationReport:
     """The same after the refine (equal to before if the refine was skipped or reverted)."""
     refine_kept: bool
     """False when the refine did not lower the loss and the pre-refine gate was restored."""
+    threshold_eps: float
+    """The RSAE's `cfg.threshold_eps` after calibration (L0-matched in thresholded mode with match_l0)."""
     seconds: float
     """Wall time of the whole calibration."""
     figures: dict[str, float] = field(default_factory=dict)
@@ -102,7 +113,8 @@ class CalibrationReport:
         f = self.figures
         return (
             f"calibrated {self.family}/{self.mode} on {self.n_tokens} tokens: gate L2 {self.gate_l2_before:.3e} -> "
-            f"{self.gate_l2_after:.3e}, dead {self.dead_latents}, MSE rel diff {f.get('mse_rel_diff', float('nan')):+.2%}, "
+            f"{self.gate_l2_after:.3e}, dead {self.dead_latents}, "
+            f"MSE rel diff {f.get('mse_rel_diff', float('nan')):+.2%}, "
             f"cosine {f.get('cosine', float('nan')):.4f}, L0 {f.get('l0_teacher', float('nan')):.2f} -> "
             f"{f.get('l0_exact', float('nan')):.2f} (exact), {self.seconds:.1f} s"
         )
@@ -114,7 +126,9 @@ class CalibrationReport:
 
 
 @torch.no_grad()
-def topk_threshold(teacher: SparseAutoencoder, activations: Tensor | Iterable[Tensor], batch_size: int = 4096) -> Tensor:
+def topk_threshold(
+    teacher: SparseAutoencoder, activations: Tensor | Iterable[Tensor], batch_size: int = 4096
+) -> Tensor:
     """Global threshold of a TopK teacher: the mean over tokens of the smallest kept activation (as BatchTopK).
 
     Streams `activations` (a [N, d_in] tensor or an iterable of batches); tokens with no positive
@@ -273,13 +287,14 @@ def calibrate(
     activations: Tensor | Iterable[Any],
     *,
     quantile: float = 0.99,
-    refine_steps: int = 300,
+    refine_steps: int = 1000,
     refine_lr: float = 1e-2,
     refine_tokens: int = 8192,
-    refine_batch: int = 2048,
+    refine_batch: int = 1024,
     batch_size: int = 4096,
     max_tokens: int | None = None,
     top_values: int = 512,
+    match_l0: bool = True,
     fit: GateFit | None = None,
     seed: int = 0,
 ) -> CalibrationReport:
@@ -298,6 +313,8 @@ def calibrate(
         batch_size: rows per chunk when `activations` is one tensor.
         max_tokens: stop streaming after this many rows (None: the whole stream).
         top_values: largest active values kept per latent for the quantile.
+        match_l0: thresholded mode: set `rsae.cfg.threshold_eps` so that L0 matches the teacher's
+            on the calibration tokens (see module docstring).
         fit: the canonical fit the gate coefficients came from (its threshold theta_0); default:
             the fit's canonical threshold `CANONICAL_THRESHOLD`.
         seed: reservoir and minibatch sampling.
@@ -331,7 +348,7 @@ def calibrate(
             scale = _floored(teacher.threshold.detach().float()) / theta0
         else:
             assert tau is not None
-            scale = torch.full((teacher.cfg.d_sae,), tau / theta0, device=teacher.device)
+            scale = _topk_latent_thresholds(teacher, stats.rows, tau) / theta0
         scale = scale.to(gate.scale_in.device)
         gate.scale_in.copy_(scale)
         gate.scale_out.copy_(scale)
@@ -348,6 +365,9 @@ def calibrate(
         if not after < before:
             gate.load_state_dict(saved)
             after, kept = before, False
+    if mode == "thresholded" and match_l0:
+        cap = 0.9 * theta0 if family != "relu" else 1.0
+        rsae.cfg.threshold_eps = _l0_matching_eps(rsae, h, target, cap)
     figures = evaluate_against_teacher(rsae, teacher, stats.rows, batch_size=batch_size)
     return CalibrationReport(
         mode=mode,
@@ -361,9 +381,28 @@ def calibrate(
         gate_l2_before=before,
         gate_l2_after=after,
         refine_kept=kept,
+        threshold_eps=float(rsae.cfg.threshold_eps),
         seconds=time.perf_counter() - start,
         figures=figures,
     )
+
+
+@torch.no_grad()
+def _topk_latent_thresholds(teacher: SparseAutoencoder, rows: Tensor, tau: float) -> Tensor:
+    """Per-latent pointwise thresholds of a TopK teacher: the level latent i exceeds exactly as often as it is kept.
+
+    A global threshold (tau, the mean smallest kept activation) ignores that frequent latents are
+    cut far above it and rare ones far below. Latents never kept on these rows fall back to tau."""
+    output = teacher.run(rows.to(teacher.device))
+    h = output.pre_acts.float()
+    kept = (output.latents.dense(teacher.cfg.d_sae) != 0).sum(0)
+    n = h.shape[0]
+    ordered = h.sort(dim=0).values
+    # Midpoint between the largest dropped and the smallest kept order statistic of each column.
+    upper = ordered.gather(0, (n - kept).clamp(max=n - 1).unsqueeze(0)).squeeze(0)
+    lower = ordered.gather(0, (n - kept - 1).clamp(min=0).unsqueeze(0)).squeeze(0)
+    theta = 0.5 * (upper + lower)
+    return _floored(torch.where(kept > 0, theta, torch.full_like(theta, tau)))
 
 
 def _check_pair(rsae: RSAE, teacher: SparseAutoencoder) -> None:
@@ -393,17 +432,34 @@ def _gate_l2(rsae: RSAE, h: Tensor, target: Tensor, weight: Tensor) -> float:
     return float(num / den)
 
 
+@torch.no_grad()
+def _l0_matching_eps(rsae: RSAE, h: Tensor, target: Tensor, cap: float) -> float:
+    """eps in [0, cap] with #{|phi| > eps C_out} = #{teacher codes != 0} on these rows.
+
+    The midpoint of two order statistics of |phi| / C_out."""
+    u = (rsae.gate(h).abs() / rsae.gate.scale_out.detach().abs().clamp_min(1e-30)).flatten().float()
+    n_active, n = int((target != 0).sum()), u.numel()
+    if n_active == 0:
+        return cap
+    if n_active >= n:
+        return 0.0
+    # k-th smallest: (n - n_active) is the largest value that must be zeroed, the next one the smallest kept.
+    below = float(u.kthvalue(n - n_active).values)
+    above = float(u.kthvalue(n - n_active + 1).values)
+    return min(max(0.5 * (below + above), 0.0), cap)
+
+
 def _refine(rsae: RSAE, h: Tensor, target: Tensor, weight: Tensor, dead: Tensor, steps: int, lr: float,
             batch: int, seed: int) -> None:
     gate = rsae.gate
     with torch.no_grad():
-        a0 = gate.numerator.detach().double()
+        a0 = gate.numerator.detach().float()
         # Numerator steps proportional to each coefficient (with a floor so exact zeros can move).
         a_unit = a0.abs().clamp_min(1e-2 * float(a0.abs().max()) + 1e-12)
-        log_c0 = gate.denominator.detach().double().log()
-        log_cin0 = gate.scale_in.detach().double().clamp_min(1e-12).log()
-        log_cout0 = gate.scale_out.detach().double().clamp_min(1e-12).log()
-        sigma0 = gate.shift.detach().double() / gate.scale_in.detach().double()
+        log_c0 = gate.denominator.detach().float().log()
+        log_cin0 = gate.scale_in.detach().float().clamp_min(1e-12).log()
+        log_cout0 = gate.scale_out.detach().float().clamp_min(1e-12).log()
+        sigma0 = gate.shift.detach().float() / gate.scale_in.detach().float()
     delta_a = torch.zeros_like(a0, requires_grad=True)
     log_c = log_c0.clone().requires_grad_(True)
     log_cin = log_cin0.clone().requires_grad_(True)
@@ -425,9 +481,10 @@ def _refine(rsae: RSAE, h: Tensor, target: Tensor, weight: Tensor, dead: Tensor,
         rows = torch.randint(n, (min(batch, n),), generator=gen).to(h.device)
         a, c, cin, cout, shift = parameters()
         num_cols, den_cols = a[cols].t(), c[cols].t()
-        # Eager body: the refine's float64 variants would otherwise each cost a fresh compile.
-        phi = rational_gate(h[rows].double(), shift, cin, cout, num_cols, den_cols, compiled=False)
-        loss = ((phi - target[rows].double()).pow(2) * weight.double()).sum(-1).mean() / den
+        # Eager body of the low-memory kernel: compiling its backward costs ~1 min of CPU, more than
+        # a few hundred refine steps at the default batch.
+        phi = rational_gate(h[rows], shift, cin, cout, num_cols, den_cols, compiled=False)
+        loss = ((phi - target[rows]).pow(2) * weight).sum(-1).mean() / den
         optimiser.zero_grad()
         loss.backward()
         # Dead latents keep their documented initialisation (see module docstring).
