@@ -136,18 +136,29 @@ class RSAE(SparseAutoencoder):
     def _activate(self, pre_acts: Tensor) -> _Encoded:
         cfg = self.cfg
         if cfg.mode == "masked":
+            if cfg.family == "topk":
+                assert cfg.k is not None
+                return _Encoded(self._masked_topk(*topk_relu(pre_acts, cfg.k)), pre_acts, None)
             if cfg.family == "relu":
-                return _Encoded(Latents(self.gate(pre_acts) * (pre_acts > 0), None), pre_acts, None)
-            if cfg.family == "jumprelu":
+                support = pre_acts > 0
+                active = support.to(pre_acts.dtype)
+            else:
+                # The threshold's straight-through gradient also reads phi(h) just below theta.
+                support = pre_acts > self.threshold - cfg.jumprelu_bandwidth / 2
                 active = step(pre_acts, self.threshold, cfg.jumprelu_bandwidth)
-                return _Encoded(Latents(self.gate(pre_acts) * active, None), pre_acts, None)
-            assert cfg.k is not None
-            return _Encoded(self._masked_topk(*topk_relu(pre_acts, cfg.k)), pre_acts, None)
+            return _Encoded(Latents(self._gate_on_support(pre_acts, support) * active, None), pre_acts, None)
         gate_out = self.gate(pre_acts)
         if cfg.mode == "pure":
             return _Encoded(Latents(gate_out, None), pre_acts, None)
         keep = step(gate_out.abs(), self._zero_band(), cfg.jumprelu_bandwidth)
         return _Encoded(Latents(gate_out * keep, None), pre_acts, gate_out)
+
+    def _gate_on_support(self, pre_acts: Tensor, support: Tensor) -> Tensor:
+        """phi(h) on the support, 0 elsewhere: trained SAEs fire on a few percent of latents, so the
+        gate (and its backward) runs on those entries only instead of all N * d_sae."""
+        rows, cols = support.nonzero(as_tuple=True)
+        values = self.gate(pre_acts[rows, cols], latent_index=cols)
+        return torch.zeros_like(pre_acts).index_put((rows, cols), values)
 
     def _masked_topk(self, values: Tensor, indices: Tensor) -> Latents:
         # A selected value of 0 (fewer than k positive pre-activations) must stay an exact zero.
