@@ -433,6 +433,7 @@ def build_cache(request: CacheRequest, lm: Any = None, log: Any = print) -> Acti
         log("  nothing to do: every shard is already cached")
         return ActivationCache(store.url, verify="header")
 
+    store.write_atomic(MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())  # the request, before any shard
     encode, eos = lm_encoder(lm)
     sequences = corpus_sequences(request.corpus, encode, request.seq_len, lm.bos_token_id, eos,
                                  max_sequences=n_sequences, start=done * request.sequences_per_shard)
@@ -443,15 +444,17 @@ def build_cache(request: CacheRequest, lm: Any = None, log: Any = print) -> Acti
     cached_tokens = 0
     forward_tps = None
     for index in range(done, n_shards):
-        chunk = list(_take(sequences, request.sequences_per_shard))
-        if not chunk:
+        expected = min(request.sequences_per_shard, n_sequences - index * request.sequences_per_shard)
+        chunk = list(_take(sequences, expected))
+        if len(chunk) < expected:
             progress.close()
+            got = index * request.sequences_per_shard + len(chunk)
             raise CacheError(
-                f"corpus {request.corpus!r} ran out after {index * request.sequences_per_shard} sequences of "
-                f"{request.seq_len} tokens; ask for fewer tokens (--n-tokens) or give a bigger corpus"
+                f"corpus {request.corpus!r} ran out after {got} sequences of {request.seq_len} tokens; "
+                "ask for fewer tokens (--n-tokens) or give a bigger corpus"
             )
         tokens = torch.from_numpy(np.stack(chunk)).long()
-        if forward_tps is None and request.progress is not None:
+        if forward_tps is None:
             sample = tokens[: request.batch_size]
             forward_tps = forward_throughput(lm, sample, stop, request.autocast_bf16, repeats=1)
         keep = ~special_mask(tokens, lm.special_token_ids)
@@ -479,7 +482,7 @@ def build_cache(request: CacheRequest, lm: Any = None, log: Any = print) -> Acti
                                             "forward_only_tokens_per_s": round(forward_tps or 0.0, 1)})
     store.write_atomic(MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     log(f"  cached {cached_tokens} tokens in {elapsed:.1f} s: {cached_tokens / elapsed:,.0f} tokens/s "
-        f"(LM forward alone, up to layer {stop if stop is not None else lm.n_layers}: {forward_tps or 0:,.0f} tokens/s)")
+        f"(LM forward alone, up to layer {lm.n_layers if stop is None else stop}: {forward_tps or 0:,.0f} tokens/s)")
     return ActivationCache(store.url, verify="header")
 
 
@@ -520,6 +523,40 @@ def _write_shard(store: Store, index: int, tokens: torch.Tensor, acts: dict[str,
     n_rows = int(next(iter(acts.values())).shape[0]) if acts else 0
     return {"index": index, "n_sequences": int(tokens.shape[0]), "n_rows": n_rows, "files": files,
             "mean_norm": norms, "nonfinite": nonfinite}
+
+
+def write_cache_from_arrays(out: str | os.PathLike[str], shards: list[tuple[np.ndarray, dict[str, Any]]], model: str,
+                            dtype: str = "float16", bos_token_id: int = 0, special_token_ids: tuple[int, ...] = (0,),
+                            corpus: str = "arrays") -> ActivationCache:
+    """Write a complete cache from in-memory shards `(tokens [n_seq, seq_len], {hook: acts [n_kept, d]})`
+    (for importers and tests). Rows must follow the module's kept-position convention."""
+    store = Store(out)
+    store.makedirs()
+    if store.exists(MANIFEST):
+        raise CacheError(f"{store.url} already holds a cache; refusing to overwrite it")
+    hooks = list(shards[0][1])
+    d_model = int(next(iter(shards[0][1].values())).shape[1])
+    tokens0 = shards[0][0]
+    request = CacheRequest(out=store.url, model=model, hooks=tuple(hooks), corpus=corpus, seq_len=int(tokens0.shape[1]),
+                           sequences_per_shard=int(tokens0.shape[0]), dtype=dtype)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION, "model": model, "hooks": hooks, "dtype": dtype, "corpus": corpus,
+        "seq_len": request.seq_len, "sequences_per_shard": request.sequences_per_shard, "d_model": d_model,
+        "bos_token_id": bos_token_id, "special_token_ids": sorted(special_token_ids),
+        "storage_dtype": str(storage_dtype(dtype)), "complete": False, "shards": [],
+    }
+    special = np.asarray(sorted(special_token_ids))
+    for index, (tokens, acts) in enumerate(shards):
+        n_kept = int((~np.isin(tokens, special)).sum())
+        for hook, values in acts.items():
+            if values.shape != (n_kept, d_model):
+                raise CacheError(f"shard {index} hook {hook}: expected [{n_kept}, {d_model}] rows, got {values.shape}")
+        tensors = {h: torch.as_tensor(np.asarray(v, dtype=np.float32)) for h, v in acts.items()}
+        manifest["shards"].append(_write_shard(store, index, torch.as_tensor(tokens), tensors, request))
+        store.write_atomic(MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    manifest["complete"] = True
+    store.write_atomic(MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    return ActivationCache(store.url)
 
 
 class _NoProgress:

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rsae import quickstart, remez
+    from rsae import cache, quickstart, remez
 
     parser = argparse.ArgumentParser(prog="rsae", description="Rational Sparse Autoencoders")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("remez", help="fit the pole-free rational to a gate by relaxed Remez exchange")
     remez.add_remez_arguments(fit)
     fit.set_defaults(handler=remez.run_remez)
+
+    activations = commands.add_parser("cache", help="cache LM activations (resumable, checksummed shards)")
+    cache.add_cache_arguments(activations)
+    activations.set_defaults(handler=cache.run_cache)
     return parser
 
 

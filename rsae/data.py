@@ -30,6 +30,8 @@ needs them. Same splits, shuffling, DDP split and resume; the factor comes from 
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,7 +43,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from rsae.cache import ActivationCache, CacheError, from_storage
-
 
 # --- row sources ---------------------------------------------------------------------------------
 
@@ -56,6 +57,7 @@ class CacheRows:
         self.dtype = cache.dtype
         self.storage = np.uint16 if self.dtype == "bfloat16" else np.float16
         self._arrays: dict[int, np.ndarray] = {}
+        self._ids: dict[int, np.ndarray] = {}
 
     def array(self, shard: int) -> np.ndarray:
         if shard not in self._arrays:
@@ -63,7 +65,9 @@ class CacheRows:
         return self._arrays[shard]
 
     def token_ids(self, shard: int) -> np.ndarray:
-        return self.cache.token_ids(shard)
+        if shard not in self._ids:
+            self._ids[shard] = self.cache.token_ids(shard)
+        return self._ids[shard]
 
     def mean_norm(self, shards: list[int]) -> float:
         return self.cache.mean_norm(self.hook, shards)
@@ -101,7 +105,8 @@ class LMRows:
         self._forward = _forward_cache
         encode, eos = lm_encoder(self.lm)
         n_seq = math.ceil(spec.n_tokens / spec.seq_len)
-        tokens = list(corpus_sequences(spec.corpus, encode, spec.seq_len, self.lm.bos_token_id, eos, max_sequences=n_seq))
+        tokens = list(corpus_sequences(spec.corpus, encode, spec.seq_len, self.lm.bos_token_id, eos,
+                                       max_sequences=n_seq))
         if not tokens:
             raise CacheError(f"corpus {spec.corpus!r} yields no sequence of {spec.seq_len} tokens")
         all_tokens = torch.from_numpy(np.stack(tokens)).long()
@@ -118,7 +123,7 @@ class LMRows:
         if self._cached is None or self._cached[0] != shard:
             parts = []
             for tok, keep in zip(self.tokens[shard].split(self.spec.batch_size),
-                                 self.keep[shard].split(self.spec.batch_size)):
+                                 self.keep[shard].split(self.spec.batch_size), strict=True):
                 acts = self._forward(self.lm, tok, [self.hook], self._stop, self.spec.autocast_bf16)[self.hook]
                 parts.append(acts[keep.to(acts.device)].float().cpu())
             self._cached = (shard, torch.cat(parts).numpy())
@@ -144,7 +149,7 @@ class RowStream(IterableDataset):
     def __init__(self, source: Any, shards: list[int], batch_size: int, shuffle: bool, shuffle_buffer: int,
                  seed: int, scale: float = 1.0, dtype: torch.dtype = torch.float32, return_token_ids: bool = False,
                  rank_fn: Callable[[], tuple[int, int]] | None = None, epoch_fn: Callable[[], int] | None = None,
-                 ) -> None:
+                 prefetch: int = 2) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size}: expected a positive number of tokens")
         if not shards:
@@ -153,6 +158,7 @@ class RowStream(IterableDataset):
         self.shuffle, self.seed, self.scale, self.dtype = shuffle, seed, scale, dtype
         self.window = max(1, shuffle_buffer // batch_size) * batch_size
         self.return_token_ids = return_token_ids
+        self.prefetch = prefetch
         self.rank_fn = rank_fn or _dist_rank
         self.epoch_fn = epoch_fn
         self._own_epoch = 0
@@ -192,17 +198,36 @@ class RowStream(IterableDataset):
             if offset >= stop:
                 return
 
-    def _window(self, order: list[int], start: int, stop: int, want_ids: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        pieces = list(self._segments(order, start, stop))
-        out = np.empty((stop - start, self.source.d_in), dtype=self.source.storage)
-        ids = np.empty(stop - start, dtype=np.int32) if want_ids else None
-        at = 0
-        for shard, lo, hi in pieces:
-            out[at: at + hi - lo] = self.source.array(shard)[lo:hi]
-            if ids is not None:
-                ids[at: at + hi - lo] = self.source.token_ids(shard)[lo:hi]
-            at += hi - lo
-        return out, ids
+    def _batches(self, epoch: int, rank: int, order: list[int], first: int, count: int, skip: int
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray | None, int]]:
+        """(stored rows, token ids or None, rows consumed after them) from row `skip` of this rank's range on.
+
+        Each window's permutation is cut into batches and each batch's indices are sorted, then the rows
+        are gathered straight from the (memory-mapped) shards into a fresh buffer: no window copy, and a
+        near-sequential read. Order inside a batch carries no information for SAE training."""
+        for w_start in range((skip // self.window) * self.window, count, self.window):
+            w_stop = min(w_start + self.window, count)
+            pieces = list(self._segments(order, first + w_start, first + w_stop))
+            starts = np.cumsum([0] + [hi - lo for _, lo, hi in pieces])
+            perm = None
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, epoch, rank, w_start // self.window])
+                perm = rng.permutation(w_stop - w_start)
+            for b in range(max(skip - w_start, 0), w_stop - w_start, self.batch_size):
+                n = min(self.batch_size, w_stop - w_start - b)
+                idx = np.arange(b, b + n) if perm is None else np.sort(perm[b: b + n])
+                cuts = np.searchsorted(idx, starts)
+                rows = np.empty((n, self.source.d_in), dtype=self.source.storage)
+                ids = np.empty(n, dtype=np.int32) if self.return_token_ids else None
+                for k, (shard, lo, _) in enumerate(pieces):
+                    a, z = cuts[k], cuts[k + 1]
+                    if a == z:
+                        continue
+                    local = idx[a:z] - starts[k] + lo
+                    np.take(self.source.array(shard), local, axis=0, out=rows[a:z])
+                    if ids is not None:
+                        ids[a:z] = self.source.token_ids(shard)[local]
+                yield rows, ids, w_start + b + n
 
     def current_epoch(self) -> int:
         return self.epoch_fn() if self.epoch_fn is not None else self._own_epoch
@@ -216,21 +241,65 @@ class RowStream(IterableDataset):
             skip = min(self.resume[1], count)
         self.resume = None
         self.rows_yielded = skip
-        for w_start in range((skip // self.window) * self.window, count, self.window):
-            w_stop = min(w_start + self.window, count)
-            rows, ids = self._window(order, first + w_start, first + w_stop, self.return_token_ids)
-            perm = None
-            if self.shuffle:
-                perm = np.random.default_rng([self.seed, epoch, rank, w_start // self.window]).permutation(len(rows))
-            for b in range(max(skip - w_start, 0), len(rows), self.batch_size):
-                idx = slice(b, b + self.batch_size) if perm is None else perm[b: b + self.batch_size]
-                batch = from_storage(rows[idx], self.source.dtype).to(self.dtype)
-                if self.scale != 1.0:
-                    batch.mul_(self.scale)
-                self.rows_yielded = w_start + min(b + self.batch_size, len(rows))
-                yield (batch, torch.from_numpy(ids[idx]).long()) if ids is not None else batch
+        batches = self._batches(epoch, rank, order, first, count, skip)
+        # The gather runs in the prefetch thread, the conversion here: two cores work at once.
+        for rows, ids, consumed in (_prefetch(batches, self.prefetch) if self.prefetch > 0 else batches):
+            batch = to_float(rows, self.source.dtype, self.dtype)
+            if self.scale != 1.0:
+                batch.mul_(self.scale)
+            self.rows_yielded = consumed
+            yield (batch, torch.from_numpy(ids).long()) if ids is not None else batch
         if self.epoch_fn is None:
             self._own_epoch += 1
+
+
+def to_float(rows: np.ndarray, stored: str, dtype: torch.dtype) -> torch.Tensor:
+    """Stored rows as a tensor of `dtype`. bf16 -> fp32 is done by a 16-bit shift in numpy, ~5x faster
+    on CPU than torch's `.float()` of a bf16 tensor."""
+    if stored == "bfloat16" and dtype == torch.float32:
+        out = np.left_shift(rows, 16, dtype=np.uint32)
+        return torch.from_numpy(out.view(np.float32))
+    return from_storage(rows, stored).to(dtype)
+
+
+def _prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Run `items` in a background thread, `depth` items ahead (numpy's take and ufuncs release the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as err:  # handed to the consumer, raised there
+            q.put(err)
+
+    thread = threading.Thread(target=produce, daemon=True, name="rsae-loader")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
 
 
 def _dist_rank() -> tuple[int, int]:
@@ -299,6 +368,8 @@ class ActivationDataModule(pl.LightningDataModule):
         self._consumed = 0
         self._consumed_epoch = 0
         self._pending_state: dict[str, Any] | None = None
+        self.epoch = 0
+        """Epoch used for the shuffle outside a Trainer (inside one, `trainer.current_epoch`)."""
 
     def metadata(self) -> dict[str, Any]:
         """Provenance to store with a trained SAE (e.g. in `SAEConfig.extra`)."""
@@ -318,7 +389,7 @@ class ActivationDataModule(pl.LightningDataModule):
 
     def _epoch(self) -> int:
         trainer = self._trainer_or_none()
-        return trainer.current_epoch if trainer is not None else self._consumed_epoch
+        return trainer.current_epoch if trainer is not None else self.epoch
 
     def _stream(self, shards: list[int], shuffle: bool, epoch_fn: Callable[[], int] | None) -> RowStream:
         return RowStream(self.source, shards, self.batch_size, shuffle, self.shuffle_buffer, self.seed,
@@ -348,9 +419,6 @@ class ActivationDataModule(pl.LightningDataModule):
             epoch = trainer.current_epoch
             if epoch != self._consumed_epoch:
                 self._consumed_epoch, self._consumed = epoch, 0
-            if self._train is not None and self._consumed == 0 and self._train.rows_yielded > 0:
-                # first batch after a resume: the stream started past the restored rows
-                self._consumed = self._train.rows_yielded - _batch_rows(batch)
             self._consumed += _batch_rows(batch)
         return batch
 

@@ -57,7 +57,8 @@ def open_corpus(spec: str = DEFAULT_CORPUS) -> list[Document]:
         return [doc for f in files for doc in open_corpus(str(f))]
     if not path.is_file():
         raise ValueError(
-            f"unknown corpus {spec!r}: expected {DEFAULT_CORPUS!r}, a .txt/.jsonl file or folder, or 'hf:NAME[:CONFIG][:SPLIT]'"
+            f"unknown corpus {spec!r}: expected {DEFAULT_CORPUS!r}, a .txt/.jsonl file or folder, "
+            "or 'hf:NAME[:CONFIG][:SPLIT]'"
         )
     if path.suffix == ".jsonl":
         return _jsonl_documents(path)

@@ -1,0 +1,112 @@
+"""Loader throughput: ActivationDataModule against a plain numpy memmap reader of the same cache.
+
+    python benchmarks/bench_loader.py [--cache DIR] [--batch 4096] [--epochs 3]
+
+Without --cache a synthetic bf16 cache (d=576, 400k tokens, ~460 MB) is written to a temp folder.
+The baseline reads each shard's memmap in contiguous batches and converts to float32 tensors: no
+shuffle, no verification. The DataModule does its token-level shuffle (window copy + permuted gather)
+and the same conversion. Both are timed over the training shards, in interleaved rounds after a warm-up
+pass (page cache hot); the ratio of the medians is printed and written to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rsae.cache import ActivationCache, from_storage, write_cache_from_arrays  # noqa: E402
+from rsae.data import ActivationDataModule, to_float  # noqa: E402
+
+
+def synthetic(folder: Path, d: int = 576, n_shards: int = 13, seqs: int = 256, seq_len: int = 128) -> str:
+    rng = np.random.default_rng(0)
+    shards = []
+    for _ in range(n_shards):
+        tokens = rng.integers(3, 49152, size=(seqs, seq_len), dtype=np.int32)
+        tokens[:, 0] = 1
+        acts = rng.standard_normal(((seq_len - 1) * seqs, d), dtype=np.float32)
+        shards.append((tokens, {"blocks.15.hook_resid_post": acts}))
+    write_cache_from_arrays(folder, shards, model="synthetic-576", dtype="bfloat16", bos_token_id=1,
+                            special_token_ids=(0, 1, 2))
+    return str(folder)
+
+
+def plain_memmap(cache: ActivationCache, hook: str, shards: list[int], batch: int, fast: bool = True) -> int:
+    """Contiguous batches of each shard's memmap as float32 tensors; `fast` uses the loader's bf16->fp32
+    conversion (numpy shift), else torch's `.float()`."""
+    rows = 0
+    for i in shards:
+        mm = np.load(cache.store.path(cache.shards[i]["files"][hook]["path"]), mmap_mode="r")
+        for lo in range(0, len(mm), batch):
+            if fast:
+                x = to_float(mm[lo: lo + batch], cache.dtype, torch.float32)
+            else:
+                x = from_storage(mm[lo: lo + batch], cache.dtype).float()
+            rows += x.shape[0]
+    return rows
+
+
+def loader(dm: ActivationDataModule) -> int:
+    return sum(x.shape[0] for x in dm.train_dataloader())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cache")
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--shuffle-buffer", type=int, default=1 << 17)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        url = args.cache or synthetic(Path(tmp) / "cache")
+        t0 = time.perf_counter()
+        dm = ActivationDataModule(url, batch_size=args.batch, shuffle_buffer=args.shuffle_buffer, val_shards=1)
+        setup_s = time.perf_counter() - t0  # includes the SHA-256 of every shard on first read? (no: lazy)
+        cache, hook = dm.cache, dm.hook_name
+        t0 = time.perf_counter()
+        cache.verify("sha256")
+        verify_s = time.perf_counter() - t0
+        n_rows = plain_memmap(cache, hook, dm.train_shards, args.batch)
+        assert loader(dm) == n_rows  # warm-up: same rows, page cache hot
+        base, ours, torch_base = [], [], []
+        for r in range(args.rounds):
+            dm.epoch = r
+            t0 = time.perf_counter()
+            plain_memmap(cache, hook, dm.train_shards, args.batch)
+            base.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            loader(dm)
+            ours.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            plain_memmap(cache, hook, dm.train_shards, args.batch, fast=False)
+            torch_base.append(time.perf_counter() - t0)
+        b, o, tb = statistics.median(base), statistics.median(ours), statistics.median(torch_base)
+        result = {"rows": n_rows, "d_in": dm.d_in, "dtype": cache.dtype, "batch": args.batch,
+                  "shuffle_buffer": args.shuffle_buffer, "memmap_tokens_per_s": round(n_rows / b),
+                  "loader_tokens_per_s": round(n_rows / o), "ratio": round(b / o, 3),
+                  "memmap_torch_float_tokens_per_s": round(n_rows / tb),
+                  "ratio_vs_torch_float_reader": round(tb / o, 3),
+                  "sha256_verify_s": round(verify_s, 3), "setup_s": round(setup_s, 3),
+                  "torch_threads": torch.get_num_threads()}
+        print(json.dumps(result, indent=1))
+        print(f"loader / plain memmap throughput ratio: {result['ratio']:.3f} (target >= 0.9); "
+          f"against a reader using torch's bf16 .float(): {result['ratio_vs_torch_float_reader']:.3f}")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_loader.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
