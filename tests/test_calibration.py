@@ -4,7 +4,6 @@ acceptance figures on held-out rows (see benchmarks/calibration_acceptance.py fo
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,7 @@ from calibration_acceptance import tiny_model_activations, train_teacher  # noqa
 D_SAE, K, TEACHER_STEPS = 128, 8, 500
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _small_cpu_settings() -> Iterator[None]:
-    # Tiny shapes: one thread avoids oversubscribing the shared cores (measured 5-10x faster here),
-    # and the eager gate avoids a ~1 min torch.compile per gate variant.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RSAE_COMPILE", "0")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("small_cpu_settings")
 
 
 @pytest.fixture(scope="module")

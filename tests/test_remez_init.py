@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,7 @@ from rsae.sae import SparseAutoencoder
 
 from helpers import D_IN, make_sae, sparse_dictionary_data, train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _small_cpu_settings() -> Iterator[None]:
-    # See test_calibration.py: one thread and the eager gate are much faster at these sizes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RSAE_COMPILE", "0")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("small_cpu_settings")
 
 
 DATA = sparse_dictionary_data(n_tokens=2048)
