@@ -87,6 +87,24 @@ def test_shared_coefficients_take_whole_tensor_sums(compiled):
                                rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 32, 40, 64])
+def test_blocked_backward_matches_reference(rows):
+    """Shared coefficients and compiled: the backward views x as [M / B, B, F] row blocks (B a power of
+    two dividing M; unblocked for odd or tiny M). Every row count must give the reference gradients."""
+    p, q = 3, 2
+    assert rational._row_block(rows) in (1, 2, 4, 8, 16, 32, 64)
+    assert rows % rational._row_block(rows) == 0
+    args = make_args(rows, 5, p, q, dtype=torch.float32, seed=rows)
+    a, c = (t.detach()[:, :1].clone().requires_grad_() for t in args[4:])
+    out = rational_gate(*args[:4], a, c, compiled=True)
+    ref = reference_gate(*args[:4], a.expand(p + 1, 5), c.expand(q, 5))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    inputs = (*args[:4], a, c)
+    for got, want in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_eager_fast_matches_reference_fp64():
     for p, q in DEGREES:
         args = make_args(7, 9, p, q, seed=p)
