@@ -1,11 +1,13 @@
 """Loader throughput: ActivationDataModule against a plain numpy memmap reader of the same cache.
 
-    python benchmarks/bench_loader.py [--cache DIR] [--batch 4096] [--epochs 3]
+    python benchmarks/bench_loader.py [--cache DIR] [--val-shards 1] [--batch 4096] [--shuffle-block 8] [--rounds 7]
 
 Without --cache a synthetic bf16 cache (d=576, 400k tokens, ~460 MB) is written to a temp folder.
-The baseline reads each shard's memmap in contiguous batches and converts to float32 tensors: no
-shuffle, no verification. The DataModule does its token-level shuffle (window copy + permuted gather)
-and the same conversion. Both are timed over the training shards, in interleaved rounds after a warm-up
+The baseline reads each shard's memmap (opened once, outside the timing, like the loader's) in
+contiguous batches and converts them to fresh float32 tensors with the same bf16 -> fp32 bit shift: no
+shuffle, no verification. The DataModule does its token-level shuffle (each `shuffle_buffer` window
+permuted in runs of `shuffle_block` rows, gathered from the memmaps) and yields fresh float32 tensors of
+the same rows. Both are timed over the training shards, in interleaved rounds after a warm-up
 pass (page cache hot); the ratio of the medians is printed and written to benchmarks/results/.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -41,12 +44,15 @@ def synthetic(folder: Path, d: int = 576, n_shards: int = 13, seqs: int = 256, s
     return str(folder)
 
 
-def plain_memmap(cache: ActivationCache, hook: str, shards: list[int], batch: int, fast: bool = True) -> int:
+def open_memmaps(cache: ActivationCache, hook: str, shards: list[int]) -> list[np.ndarray]:
+    return [np.load(cache.store.path(cache.shards[i]["files"][hook]["path"]), mmap_mode="r") for i in shards]
+
+
+def plain_memmap(cache: ActivationCache, memmaps: list[np.ndarray], batch: int, fast: bool = True) -> int:
     """Contiguous batches of each shard's memmap as float32 tensors; `fast` uses the loader's bf16->fp32
     conversion (numpy shift), else torch's `.float()`."""
     rows = 0
-    for i in shards:
-        mm = np.load(cache.store.path(cache.shards[i]["files"][hook]["path"]), mmap_mode="r")
+    for mm in memmaps:
         for lo in range(0, len(mm), batch):
             if fast:
                 x = to_float(mm[lo: lo + batch], cache.dtype, torch.float32)
@@ -65,41 +71,50 @@ def main() -> None:
     parser.add_argument("--cache")
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--shuffle-buffer", type=int, default=1 << 17)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--shuffle-block", type=int, default=8)
+    parser.add_argument("--val-shards", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         url = args.cache or synthetic(Path(tmp) / "cache")
         t0 = time.perf_counter()
-        dm = ActivationDataModule(url, batch_size=args.batch, shuffle_buffer=args.shuffle_buffer, val_shards=1)
+        dm = ActivationDataModule(url, batch_size=args.batch, shuffle_buffer=args.shuffle_buffer,
+                                  val_shards=args.val_shards, shuffle_block=args.shuffle_block)
         setup_s = time.perf_counter() - t0  # includes the SHA-256 of every shard on first read? (no: lazy)
         cache, hook = dm.cache, dm.hook_name
         t0 = time.perf_counter()
         cache.verify("sha256")
         verify_s = time.perf_counter() - t0
-        n_rows = plain_memmap(cache, hook, dm.train_shards, args.batch)
+        memmaps = open_memmaps(cache, hook, dm.train_shards)
+        n_rows = plain_memmap(cache, memmaps, args.batch)
         assert loader(dm) == n_rows  # warm-up: same rows, page cache hot
         base, ours, torch_base = [], [], []
         for r in range(args.rounds):
             dm.epoch = r
             t0 = time.perf_counter()
-            plain_memmap(cache, hook, dm.train_shards, args.batch)
+            plain_memmap(cache, memmaps, args.batch)
             base.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             loader(dm)
             ours.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            plain_memmap(cache, hook, dm.train_shards, args.batch, fast=False)
+            plain_memmap(cache, memmaps, args.batch, fast=False)
             torch_base.append(time.perf_counter() - t0)
         b, o, tb = statistics.median(base), statistics.median(ours), statistics.median(torch_base)
-        result = {"rows": n_rows, "d_in": dm.d_in, "dtype": cache.dtype, "batch": args.batch,
-                  "shuffle_buffer": args.shuffle_buffer, "memmap_tokens_per_s": round(n_rows / b),
+        result = {"cache": args.cache or "synthetic", "model": cache.model, "hook": hook,
+                  "train_shards": len(dm.train_shards), "rounds": args.rounds, "rows": n_rows, "d_in": dm.d_in,
+                  "dtype": cache.dtype, "batch": args.batch,
+                  "shuffle_buffer": args.shuffle_buffer, "shuffle_block": args.shuffle_block,
+                  "memmap_tokens_per_s": round(n_rows / b),
                   "loader_tokens_per_s": round(n_rows / o), "ratio": round(b / o, 3),
                   "memmap_torch_float_tokens_per_s": round(n_rows / tb),
                   "ratio_vs_torch_float_reader": round(tb / o, 3),
                   "sha256_verify_s": round(verify_s, 3), "setup_s": round(setup_s, 3),
-                  "torch_threads": torch.get_num_threads()}
+                  "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                  "load_avg_1m": round(os.getloadavg()[0], 2),
+                  "memmap_s": [round(t, 4) for t in base], "loader_s": [round(t, 4) for t in ours]}
         print(json.dumps(result, indent=1))
         print(f"loader / plain memmap throughput ratio: {result['ratio']:.3f} (target >= 0.9); "
           f"against a reader using torch's bf16 .float(): {result['ratio_vs_torch_float_reader']:.3f}")

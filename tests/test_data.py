@@ -65,7 +65,11 @@ def test_token_ids_and_dtype(cache):  # type: ignore[no-untyped-def]
     dm = ActivationDataModule(cache, batch_size=16, return_token_ids=True, dtype="bfloat16", val_shards=1)
     acts, tok = next(iter(dm.train_dataloader()))
     assert acts.dtype == torch.bfloat16 and tok.dtype == torch.long and acts.shape == (16, D)
-    shard = (acts[:, 0].float().long() // 48)
+    # the same rows in float32 (row ids are not exact in bf16): the bf16 batch is their rounding
+    dm32 = ActivationDataModule(cache, batch_size=16, return_token_ids=True, val_shards=1)
+    acts32, tok32 = next(iter(dm32.train_dataloader()))
+    assert acts32.dtype == torch.float32 and torch.equal(acts, acts32.to(torch.bfloat16)) and torch.equal(tok, tok32)
+    shard = acts32[:, 0].long() // 48
     assert torch.equal(tok, shard % 50 + 1)  # each row carries its own token id
 
 
@@ -231,3 +235,17 @@ def test_a_corrupt_shard_stops_the_loader_and_is_named(tmp_path):  # type: ignor
     dm = ActivationDataModule(str(folder), batch_size=16, val_shards=1)
     with pytest.raises(CorruptShardError, match=r"shard-00002\.blocks\.0\.hook_resid_post\.npy"):
         list(dm.train_dataloader())  # raised from the prefetch thread in the consumer
+
+
+@pytest.mark.parametrize("block", [1, 5, 8])
+def test_shuffle_block_covers_the_epoch_and_moves_runs(cache, block):  # type: ignore[no-untyped-def]
+    dm = ActivationDataModule(cache, batch_size=32, shuffle_buffer=100, val_shards=1, shuffle_block=block)
+    rows = ids(dm.train_dataloader())
+    assert sorted(rows) == list(range(9 * 48)) and rows != sorted(rows)
+    stream = dm._stream(dm.train_shards, True, lambda: 0)
+    perm = stream.permutation(0, 0, 0, 96)
+    assert sorted(perm.tolist()) == list(range(96))  # a permutation of the window, in runs of `block` rows
+    if 96 % block == 0:  # (otherwise the last, partial run lands anywhere)
+        assert all(perm[i + 1] == perm[i] + 1 for i in range(95) if i % block != block - 1)
+    with pytest.raises(ValueError, match="shuffle_block"):
+        ActivationDataModule(cache, shuffle_block=0).train_dataloader()
