@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import interleave
 
 from rsae.config import FAMILIES, GATE_MODES, SAEConfig
 from rsae.models import build_model
@@ -56,12 +57,7 @@ def measure(args: argparse.Namespace, family: str, mode: str) -> dict[str, objec
     with torch.no_grad():
         l0 = float(teacher.run(x).latents.l0())
     steps = {"teacher": make_step(teacher, x, args.bf16), "rsae": make_step(rsae, x, args.bf16)}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for index in range(args.warmup + args.steps):
-        for name, step in steps.items():
-            elapsed = step()
-            if index >= args.warmup:
-                times[name].append(elapsed)
+    times = interleave(steps, args.warmup, args.steps)
     teacher_s, rsae_s = statistics.median(times["teacher"]), statistics.median(times["rsae"])
     return {"family": family, "mode": mode, "degree": list(rsae.cfg.degree), "teacher_l0": l0,
             "teacher_step_s": teacher_s, "rsae_step_s": rsae_s, "ratio": rsae_s / teacher_s}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timing import interleave
 
 from rsae.config import SAEConfig
 from rsae.rational_sae import RSAE
@@ -82,12 +83,7 @@ def benchmark(args: argparse.Namespace, dtype: str) -> dict[str, object]:
         "dense": make_step(dense_training_loss, dense_model, x, dtype),
         "rsae": make_step(sparse_training_loss, rsae_model, x, dtype),
     }
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for index in range(args.warmup + args.steps):
-        for name, step in steps.items():
-            elapsed = step()
-            if index >= args.warmup:
-                times[name].append(elapsed)
+    times = interleave(steps, args.warmup, args.steps)
     result: dict[str, object] = {"dtype": dtype, "loss_difference_at_start": agreement}
     for name, samples in times.items():
         median = statistics.median(samples)

@@ -1,0 +1,19 @@
+"""Side-by-side timing shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+
+def interleave(steps: dict[str, Callable[[], float]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Run each step in turn, `warmup + repeats` rounds, and keep the timed rounds' seconds.
+
+    Interleaving makes the paths share whatever load the (shared) machine has at each moment, so
+    their ratio is fairer than that of back-to-back runs."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for index in range(warmup + repeats):
+        for name, step in steps.items():
+            elapsed = step()
+            if index >= warmup:
+                times[name].append(elapsed)
+    return times
