@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from timing import interleave
+from timing import add_shape_arguments, interleave
 
 from rsae.config import FAMILIES, GATE_MODES, SAEConfig
 from rsae.models import build_model
@@ -65,11 +65,7 @@ def measure(args: argparse.Namespace, family: str, mode: str) -> dict[str, objec
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d-in", type=int, default=576)
-    parser.add_argument("--d-sae", type=int, default=4608)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=6)
+    add_shape_arguments(parser, steps=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--density", type=float, default=0.015, help="fraction of latents the teachers fire on")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (weights stay fp32)")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timing import interleave
+from timing import add_shape_arguments, interleave
 
 from rsae.config import SAEConfig
 from rsae.rational_sae import RSAE
@@ -128,11 +128,7 @@ def markdown(report: dict[str, object]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d-in", type=int, default=576)
-    parser.add_argument("--d-sae", type=int, default=4608)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per path")
+    add_shape_arguments(parser, steps=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", nargs="+", choices=sorted(AUTOCAST_DTYPES), default=["fp32"],
                         help="fp32, or bf16 under CPU autocast (weights stay fp32)")

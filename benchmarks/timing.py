@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
 
@@ -17,3 +18,12 @@ def interleave(steps: dict[str, Callable[[], float]], warmup: int, repeats: int)
             if index >= warmup:
                 times[name].append(elapsed)
     return times
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The SAE shape every step benchmark takes (the issue's reference point by default)."""
+    parser.add_argument("--d-in", type=int, default=576)
+    parser.add_argument("--d-sae", type=int, default=4608)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per path")

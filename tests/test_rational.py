@@ -105,15 +105,20 @@ def test_blocked_backward_matches_reference(rows):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def fast_and_reference(args, compiled):
+    """(out, ref, fast path grads, reference grads) for one random output gradient."""
+    out = rational_gate(*args, compiled=compiled)
+    ref = reference_gate(*args)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, args, g)
+    grads_ref = torch.autograd.grad(ref, args, g, allow_unused=True, materialize_grads=True)
+    return out, ref, grads, grads_ref
+
+
 def test_eager_fast_matches_reference_fp64():
     for p, q in DEGREES:
-        args = make_args(7, 9, p, q, seed=p)
-        out = rational_gate(*args, compiled=False)
-        ref = reference_gate(*args)
+        out, ref, grads, grads_ref = fast_and_reference(make_args(7, 9, p, q, seed=p), compiled=False)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad(out, args, g)
-        grads_ref = torch.autograd.grad(ref, args, g, allow_unused=True, materialize_grads=True)
         for got, want in zip(grads, grads_ref, strict=False):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
@@ -210,13 +215,9 @@ def test_gradients_reach_zero_coefficients():
 @pytest.mark.parametrize("degree", DEGREES)
 def test_compiled_matches_reference_fp32(degree):
     p, q = degree
-    args = make_args(16, 24, p, q, dtype=torch.float32, seed=p + q)
-    out = rational_gate(*args, compiled=True)
-    ref = reference_gate(*args)
+    out, ref, grads, grads_ref = fast_and_reference(make_args(16, 24, p, q, dtype=torch.float32, seed=p + q),
+                                                    compiled=True)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, args, g)
-    grads_ref = torch.autograd.grad(ref, args, g, allow_unused=True, materialize_grads=True)
     for got, want in zip(grads, grads_ref, strict=False):
         # column sums over 16 rows of O(1) terms: compare relative to the gradient's scale
         scale = want.abs().max().item() if want.numel() else 1.0
