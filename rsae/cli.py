@@ -9,9 +9,11 @@ import sys
 # Nothing rsae does needs the Hub at run time; without this every failed lookup retries for ~23 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from rsae import cache, quickstart, remez
+    from rsae import cache, quickstart, remez, report
 
     parser = argparse.ArgumentParser(prog="rsae", description="Rational Sparse Autoencoders")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -27,10 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
     activations = commands.add_parser("cache", help="cache LM activations (resumable, checksummed shards)")
     cache.add_cache_arguments(activations)
     activations.set_defaults(handler=cache.run_cache)
+
+    lightning_help = ("train a stage from a YAML config (LightningCLI; see configs/)",
+                      "validate a model on held-out activations (LightningCLI)",
+                      "evaluate and write a report: metrics, spliced CE, probing, plots (LightningCLI)")
+    for name, what in zip(LIGHTNING_COMMANDS, lightning_help, strict=True):
+        # Listed for --help only: main() hands these to LightningCLI before argparse sees them.
+        commands.add_parser(name, help=what, add_help=False)
+
+    side_by_side = commands.add_parser("compare", help="print the reports of several runs side by side")
+    report.add_compare_arguments(side_by_side)
+    side_by_side.set_defaults(handler=report.run_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from rsae.lightning_cli import main as lightning_main
+
+        return lightning_main(argv)
     args = build_parser().parse_args(argv)
     return int(args.handler(args) or 0)
 

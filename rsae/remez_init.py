@@ -48,7 +48,9 @@ class RemezInit(pl.Callback):
     """Initialise `pl_module.sae` (an RSAE) from a teacher SAE before fitting; a no-op when resuming.
 
     Args:
-        teacher: path to an rsae checkpoint folder (loaded with `rsae.load`) or a baseline SAE.
+        teacher: path to an rsae checkpoint folder (loaded with `rsae.load`) or a baseline SAE; None takes
+            the LightningModule's `teacher` attribute (as `rsae.training.GateCalibration` holds), so a YAML
+            config names the teacher once.
         degree: expected (p, q) of the RSAE's gate; None accepts the RSAE's own. Given, it must match.
         mode: expected gate mode; None accepts the RSAE's own. Given, it must match.
         gap: half-width of the gap excluded around the jump in the Remez fit (jumprelu / topk);
@@ -65,7 +67,7 @@ class RemezInit(pl.Callback):
 
     def __init__(
         self,
-        teacher: str | Path | SparseAutoencoder,
+        teacher: str | Path | SparseAutoencoder | None = None,
         degree: tuple[int, int] | None = None,
         mode: GateMode | None = None,
         gap: float | None = None,
@@ -100,7 +102,7 @@ class RemezInit(pl.Callback):
                 f"RemezInit needs the LightningModule to hold the RSAE being trained as `.sae`; "
                 f"{type(pl_module).__name__}.sae is {type(rsae).__name__}"
             )
-        teacher = self._load_teacher().to(rsae.device).eval()
+        teacher = self._load_teacher(pl_module).to(rsae.device).eval()
         self._check_teacher(teacher, rsae)
         batches = _calibration_batches(trainer, rsae.device)
         first = next(batches, None)
@@ -133,10 +135,14 @@ class RemezInit(pl.Callback):
         self._log(trainer)
 
     # ------------------------------------------------------------------------------------------
-    def _load_teacher(self) -> SparseAutoencoder:
-        if isinstance(self.teacher, SparseAutoencoder):
-            return self.teacher
-        return load(self.teacher)
+    def _load_teacher(self, pl_module: pl.LightningModule) -> SparseAutoencoder:
+        teacher = self.teacher if self.teacher is not None else getattr(pl_module, "teacher", None)
+        if teacher is None:
+            raise ValueError(
+                f"RemezInit has no teacher: pass RemezInit(teacher=FOLDER) or give {type(pl_module).__name__} "
+                "a `teacher` attribute (an SAE or an rsae checkpoint folder)"
+            )
+        return teacher if isinstance(teacher, SparseAutoencoder) else load(teacher)
 
     def _check_teacher(self, teacher: SparseAutoencoder, rsae: RSAE) -> None:
         if teacher.cfg.architecture == "rsae":

@@ -6,6 +6,7 @@ sparsity term). The attributes and methods here are SAEBench's custom-SAE contra
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import NamedTuple
 
@@ -147,6 +148,26 @@ class SparseAutoencoder(nn.Module, ABC):
     def sparsity_penalty(self, output: SAEOutput) -> Tensor:
         """The family's sparsity term before its coefficient; none by default (TopK fixes k instead)."""
         return output.x_hat.new_zeros((), dtype=torch.float32)
+
+    @property
+    def input_scale(self) -> float:
+        """Factor the SAE expects its inputs multiplied by, relative to the LM's raw activations (1.0 unless it
+        was trained on normalised activations and not yet folded back)."""
+        return float(self.cfg.extra.get("input_scale", 1.0))
+
+    @torch.no_grad()
+    def set_input_scale(self, scale: float) -> None:
+        """Refold the weights so the SAE reads inputs scaled by `scale` (relative to raw activations) and
+        returns reconstructions at that scale. Pre-activations, and so the gate and the codes, are unchanged:
+        with `c = scale / input_scale`, `(c x - c b_dec) (W_enc / c) = (x - b_dec) W_enc`."""
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"input scale must be a positive finite number, got {scale}")
+        c = scale / self.input_scale
+        if c != 1.0:
+            self.W_enc.div_(c)
+            self.W_dec.mul_(c)
+            self.b_dec.mul_(c)
+        self.cfg.extra["input_scale"] = float(scale)
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
