@@ -313,7 +313,7 @@ class _Gather:
             lo = at + c
             if self.shift:
                 dst = out[lo: lo + len(part)]
-                np.left_shift(tmp, 16, out=dst)
+                np.left_shift(tmp, 16, out=dst, dtype=np.uint32)  # a uint16 loop would shift every bit out
                 if self.scale != 1.0:
                     np.multiply(dst.view(np.float32), np.float32(self.scale), out=dst.view(np.float32))
             else:

@@ -9,6 +9,7 @@ the model, so they are never typed twice. Ready configs live in `configs/`.
 from __future__ import annotations
 
 import os
+import sys
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -25,6 +26,8 @@ class RSAECLI(LightningCLI):
 def main(argv: list[str]) -> int:
     """Run one LightningCLI subcommand (`argv[0]` is fit, validate or test)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    RSAECLI(SAEModule, ActivationDataModule, subclass_mode_model=True, args=argv,
+    # From the console, LightningCLI reads sys.argv itself (and warns when given it twice).
+    args = None if argv == sys.argv[1:] else argv
+    RSAECLI(SAEModule, ActivationDataModule, subclass_mode_model=True, args=args,
             save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
     return 0

@@ -61,6 +61,22 @@ def test_attributes_splits_and_full_coverage(cache):  # type: ignore[no-untyped-
     assert len({int(v) // 48 for v in first[:, 0]}) >= 2
 
 
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_batches_equal_the_stored_rows_converted(tmp_path, stored, normalize):  # type: ignore[no-untyped-def]
+    """Every stored dtype reaches fp32 batches with its values (a bf16 cache once read back as zeros)."""
+    rng = np.random.default_rng(0)
+    tokens = np.ones((4, SEQ_LEN), dtype=np.int32)
+    tokens[:, 0] = 0
+    rows = rng.normal(size=(4 * (SEQ_LEN - 1), D)).astype(np.float32) * 3
+    cache = write_cache_from_arrays(tmp_path / "c", [(tokens, {HOOK: rows})] * 3, model="m", dtype=stored)
+    dm = ActivationDataModule(cache.url, batch_size=8, val_shards=1, normalize=normalize, shuffle_block=1)
+    expected = cache.activations(0, HOOK).float() * dm.norm_factor
+    batch = next(iter(dm.val_dataloader()))
+    assert batch.dtype == torch.float32 and batch.abs().sum() > 0
+    torch.testing.assert_close(batch, expected[:8], rtol=1e-6, atol=0)
+
+
 def test_token_ids_and_dtype(cache):  # type: ignore[no-untyped-def]
     dm = ActivationDataModule(cache, batch_size=16, return_token_ids=True, dtype="bfloat16", val_shards=1)
     acts, tok = next(iter(dm.train_dataloader()))
