@@ -93,8 +93,8 @@ class SAEModule(pl.LightningModule):
     def _set_sae(self, sae: SparseAutoencoder) -> None:
         self._check_against_data(sae.cfg)
         self.sae = sae
-        self.val_metrics = SAEMetrics(sae.cfg.d_sae, sae.cfg.l0_tolerance)
-        self.test_metrics = SAEMetrics(sae.cfg.d_sae, sae.cfg.l0_tolerance)
+        self.val_metrics = SAEMetrics(sae.cfg.d_sae, sae.cfg.l0_tolerance, sae.cfg.d_in)
+        self.test_metrics = SAEMetrics(sae.cfg.d_sae, sae.cfg.l0_tolerance, sae.cfg.d_in)
         # Tokens since each latent last fired; a buffer so it travels with checkpoints and devices.
         self.register_buffer("tokens_since_fired", torch.zeros(sae.cfg.d_sae, dtype=torch.long))
         self.register_buffer("b_dec_initialised", torch.tensor(False))
