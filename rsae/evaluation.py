@@ -48,6 +48,10 @@ class EvalConfig:
     """Pre-activation rows kept from the test stream for the gate-shape plot."""
 
 
+# Lightning checkpoints store the hyperparameters and are loaded with torch.load(weights_only=True).
+torch.serialization.add_safe_globals([EvalConfig])
+
+
 class TestRun:
     """State of one test epoch: a sample of pre-activations, then the final measurements and the report."""
 

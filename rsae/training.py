@@ -21,6 +21,7 @@ folds it back, and every reported metric is in raw activation units.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -229,7 +230,9 @@ class SAEModule(pl.LightningModule):
         if self.unit_norm_decoder():
             self.sae.remove_gradient_parallel_to_decoder_directions()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end, which runs after callbacks (checkpoints) saw the step.
         if self.unit_norm_decoder():
             self.sae.set_decoder_norm_to_unit_norm()
 
@@ -364,8 +367,11 @@ class GateCalibration(SAEModule):
         self.save_hyperparameters()
         self.teacher_path = teacher
         self.teacher = self.load_sae_folder(teacher).eval().requires_grad_(False)
-        rsae = RSAE.from_teacher(self.teacher, degree=degree, mode=mode, coefficient_sharing=coefficient_sharing,
+        # RemezInit fits and calibrates the gate before the first step (it needs data that __init__ has not got),
+        # so the gate starts as the identity here, in the configured mode.
+        rsae = RSAE.from_teacher(self.teacher, degree=degree, mode="masked", coefficient_sharing=coefficient_sharing,
                                  n_coefficient_groups=n_coefficient_groups)
+        rsae.cfg = dataclasses.replace(rsae.cfg, mode=mode)
         rsae.cfg.extra["teacher"] = str(teacher)
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             if hasattr(rsae, name):
