@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 # Nothing rsae does needs the Hub at run time; without this every failed lookup retries for ~23 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+# Lightning's generic advice that does not apply here: ActivationDataModule is single-process and resumes
+# mid-epoch through its own state; the treespec notice is Lightning's own deprecation.
+for _message in ("Your `IterableDataset` has `__len__` defined", "You're resuming from a checkpoint that ended before",
+                 r".*isinstance\(treespec, LeafSpec\)"):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 def build_parser() -> argparse.ArgumentParser:

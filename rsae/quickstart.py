@@ -44,8 +44,8 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=32, help="active latents per token (topk)")
     parser.add_argument("--sparsity", type=float, default=None,
                         help="sparsity coefficient (relu / jumprelu; default per family)")
-    parser.add_argument("--teacher-epochs", type=int, default=4, help="passes over the training shards")
-    parser.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning passes (RSAE and control)")
+    parser.add_argument("--teacher-epochs", type=int, default=10, help="passes over the training shards")
+    parser.add_argument("--finetune-epochs", type=int, default=4, help="fine-tuning passes (RSAE and control)")
     parser.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
     parser.add_argument("--ce-sequences", type=int, default=64, help="held-out sequences for the spliced CE")
     parser.add_argument("--precision", default="bf16-mixed", help="trainer precision ('32-true' for fp32)")
