@@ -84,6 +84,9 @@ class TestRun:
         if self.config.ce_sequences > 0:
             values.update(self._cross_entropy(lm, datamodule))
         probing = self._probing(lm) if self.config.probing else None
+        if probing is not None:  # the mean accuracies join the printed test metrics; per task in the report
+            values.update({f"probing_{source}_{k}": acc for source, result in probing.items()
+                           for k, acc in result["mean"].items()})
         report = self._report(values, histogram, n_tokens, probing, datamodule)
         folder = Path(self.config.report_dir or Path(trainer.default_root_dir) / "reports" / self.module.run_name())
         from rsae.report import write_report

@@ -175,11 +175,8 @@ class SAEModule(pl.LightningModule):
         dead = self.tokens_since_fired >= self.dead_window_tokens
         out = self.sae.training_loss(x, self.sparsity_weight(), dead if dead.any() else None, self.auxk_coefficient)
         self._track_firing(out.output.latents.values, out.output.latents.indices, x.shape[0])
-        logs = {"loss": out.total, "mse": out.mse, "l0": out.output.latents.l0(), "dead_fraction": dead.float().mean()}
-        if self.family != "topk" or self.sae.cfg.architecture == "rsae" and self.sae.cfg.mode == "pure":
-            logs["sparsity"] = out.sparsity
-        if out.auxk.item() != 0:
-            logs["auxk"] = out.auxk
+        logs = {"loss": out.total, "mse": out.mse, "sparsity": out.sparsity, "auxk": out.auxk,
+                "l0": out.output.latents.l0(), "dead_fraction": dead.float().mean()}
         return out.total, logs
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
