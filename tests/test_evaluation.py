@@ -51,7 +51,8 @@ def test_rsae_test_writes_metrics_ce_probing_and_plots(tmp_path: Path, monkeypat
     # The CE is that of the held-out shard's own token sequences, with this SAE spliced in.
     expected = downstream_cross_entropy(lm, model, held_out_sequences(dm, 8), autocast_bf16=False)
     for key in ("ce_clean", "ce_sae", "ce_zero", "ce_degradation", "loss_recovered"):
-        assert metrics[key] == pytest.approx(expected[key], rel=1e-5) and printed[f"test/{key}"] == pytest.approx(metrics[key])
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-5)
+        assert printed[f"test/{key}"] == pytest.approx(metrics[key])
     assert metrics["l0"] == pytest.approx(4.0) and report["data"]["n_tokens"] == 16 * 31
     assert set(report["probing"]) == {"sae", "lm"} and "language_id" in report["probing"]["sae"]
     assert "test/probing_lm_full" in printed and 0 <= printed["test/probing_sae_k=1"] <= 1
