@@ -185,7 +185,7 @@ def teacher_model(run: Path) -> dict[str, Any]:
                           "export_dir": str(run / "sae"), "evaluation": {"ce_sequences": 0}}}
 
 
-def test_cli_fit_test_and_print_config(cache: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_fit_test_validate_and_print_config(cache: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     config = write_config(tmp_path / "fit.yaml", cache, run, teacher_model(run))
     assert main(["fit", "--config", str(config)]) == 0
@@ -193,7 +193,9 @@ def test_cli_fit_test_and_print_config(cache: str, tmp_path: Path, capsys: pytes
     evaluate = {"class_path": "rsae.training.Evaluation",
                 "init_args": {"checkpoint": str(run / "sae"), "name": "cli",
                               "evaluation": {"ce_sequences": 0, "report_dir": str(tmp_path / "report")}}}
-    assert main(["test", "--config", str(write_config(tmp_path / "test.yaml", cache, run, evaluate))]) == 0
+    evaluate_config = str(write_config(tmp_path / "test.yaml", cache, run, evaluate))
+    assert main(["test", "--config", evaluate_config]) == 0
+    assert main(["validate", "--config", evaluate_config]) == 0
     assert json.loads((tmp_path / "report" / "report.json").read_text())["name"] == "cli"
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config), "--print_config"])
