@@ -99,9 +99,11 @@ class TestRun:
         from rsae.downstream import downstream_cross_entropy
 
         tokens = held_out_sequences(datamodule, self.config.ce_sequences)
-        return downstream_cross_entropy(lm, self.module.sae, tokens, scale=self.module.sae.input_scale,
-                                        batch_size=self.config.ce_batch_size,
-                                        autocast_bf16=self.config.autocast_bf16)
+        result = downstream_cross_entropy(lm, self.module.sae, tokens, scale=self.module.sae.input_scale,
+                                          batch_size=self.config.ce_batch_size,
+                                          autocast_bf16=self.config.autocast_bf16)
+        result["ce_n_tokens"] = result.pop("n_tokens")  # predictions scored, not the streamed tokens
+        return result
 
     def _probing(self, lm: Any) -> dict[str, Any]:
         from rsae.lm import cache_dir

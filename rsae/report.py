@@ -402,11 +402,12 @@ def gate_curves(
     device = model.device
     if pre_acts is not None:
         pre_acts = pre_acts.detach().to(device=device, dtype=torch.float32).reshape(-1, d_sae)
-    chosen = _choose_features(features, d_sae, pre_acts, seed)
-    idx = torch.tensor(chosen, dtype=torch.long, device=device)
     tau = _topk_tau(model, teacher, pre_acts)
     is_rsae = hasattr(model, "gate")
     rule_source = teacher if teacher is not None else (model if is_rsae else None)
+    all_theta = _thresholds(rule_source if rule_source is not None else model, torch.arange(d_sae, device=device))
+    chosen = _choose_features(features, d_sae, pre_acts, all_theta if all_theta is not None else tau, seed)
+    idx = torch.tensor(chosen, dtype=torch.long, device=device)
     teacher_theta = _thresholds(rule_source, idx)
     model_theta = _thresholds(model, idx)
     h = _grid(idx, n_points, pre_acts, next((t for t in (teacher_theta, model_theta) if t is not None), None), tau,
@@ -435,7 +436,10 @@ def _listed(t: Tensor | None) -> list[Any] | None:
     return None if t is None else t.cpu().tolist()
 
 
-def _choose_features(features: int | Sequence[int], d_sae: int, pre_acts: Tensor | None, seed: int) -> list[int]:
+def _choose_features(features: int | Sequence[int], d_sae: int, pre_acts: Tensor | None, floor: Tensor | float,
+                     seed: int) -> list[int]:
+    """The given latents, else a seeded sample of those that cross their gate's threshold `floor` somewhere in
+    `pre_acts` (a latent that never fires would draw a flat line)."""
     if not isinstance(features, int):
         chosen = [int(f) for f in features]
         if not chosen or not all(0 <= f < d_sae for f in chosen):
@@ -444,8 +448,8 @@ def _choose_features(features: int | Sequence[int], d_sae: int, pre_acts: Tensor
     if features < 1:
         raise ValueError(f"features must be >= 1, got {features}")
     candidates = torch.arange(d_sae)
-    if pre_acts is not None and bool((pre_acts > 0).any()):
-        candidates = (pre_acts > 0).any(0).nonzero().squeeze(-1).cpu()
+    if pre_acts is not None and bool((pre_acts > floor).any()):
+        candidates = (pre_acts > floor).any(0).nonzero().squeeze(-1).cpu()
     order = torch.randperm(candidates.numel(), generator=torch.Generator().manual_seed(seed))
     return sorted(int(f) for f in candidates[order[:features]])
 
