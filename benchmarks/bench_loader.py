@@ -20,10 +20,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -48,22 +50,27 @@ def open_memmaps(cache: ActivationCache, hook: str, shards: list[int]) -> list[n
     return [np.load(cache.store.path(cache.shards[i]["files"][hook]["path"]), mmap_mode="r") for i in shards]
 
 
-def plain_memmap(cache: ActivationCache, memmaps: list[np.ndarray], batch: int, fast: bool = True) -> int:
+def plain_memmap(cache: ActivationCache, memmaps: list[np.ndarray], batch: int, fast: bool = True) -> Iterator[Tensor]:
     """Contiguous batches of each shard's memmap as float32 tensors; `fast` uses the loader's bf16->fp32
     conversion (numpy shift), else torch's `.float()`."""
-    rows = 0
     for mm in memmaps:
         for lo in range(0, len(mm), batch):
             if fast:
-                x = to_float(mm[lo: lo + batch], cache.dtype, torch.float32)
+                yield to_float(mm[lo: lo + batch], cache.dtype, torch.float32)
             else:
-                x = from_storage(mm[lo: lo + batch], cache.dtype).float()
-            rows += x.shape[0]
-    return rows
+                yield from_storage(mm[lo: lo + batch], cache.dtype).float()
 
 
-def loader(dm: ActivationDataModule) -> int:
-    return sum(x.shape[0] for x in dm.train_dataloader())
+def drain(batches: Iterable[Tensor]) -> int:
+    return sum(x.shape[0] for x in batches)
+
+
+def checksum(batches: Iterable[Tensor]) -> tuple[int, float]:
+    """(rows, float64 sum of every value): equal for any order of the same rows."""
+    rows, total = 0, 0.0
+    for x in batches:
+        rows, total = rows + x.shape[0], total + float(x.double().sum())
+    return rows, total
 
 
 def main() -> None:
@@ -88,19 +95,20 @@ def main() -> None:
         cache.verify("sha256")
         verify_s = time.perf_counter() - t0
         memmaps = open_memmaps(cache, hook, dm.train_shards)
-        n_rows = plain_memmap(cache, memmaps, args.batch)
-        assert loader(dm) == n_rows  # warm-up: same rows, page cache hot
+        n_rows, total = checksum(plain_memmap(cache, memmaps, args.batch))
+        loaded = checksum(dm.train_dataloader())  # warm-up (page cache hot) and a check: the same rows' values
+        assert loaded[0] == n_rows and abs(loaded[1] - total) <= 1e-9 * max(abs(total), 1.0), (loaded, total)
         base, ours, torch_base = [], [], []
         for r in range(args.rounds):
             dm.epoch = r
             t0 = time.perf_counter()
-            plain_memmap(cache, memmaps, args.batch)
+            drain(plain_memmap(cache, memmaps, args.batch))
             base.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            loader(dm)
+            drain(dm.train_dataloader())
             ours.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            plain_memmap(cache, memmaps, args.batch, fast=False)
+            drain(plain_memmap(cache, memmaps, args.batch, fast=False))
             torch_base.append(time.perf_counter() - t0)
         b, o, tb = statistics.median(base), statistics.median(ours), statistics.median(torch_base)
         result = {"cache": args.cache or "synthetic", "model": cache.model, "hook": hook,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -17,6 +18,10 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 for _message in ("Your `IterableDataset` has `__len__` defined", "You're resuming from a checkpoint that ended before",
                  r".*isinstance\(treespec, LeafSpec\)"):
     warnings.filterwarnings("ignore", message=_message)
+# ... and its advertisements for cloud services, printed by every Trainer.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.getMessage()).startswith("💡 Tip")
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
