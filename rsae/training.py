@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -232,6 +233,14 @@ class SAEModule(pl.LightningModule):
         # Here rather than in on_train_batch_end, which runs after callbacks (checkpoints) saw the step.
         if self.unit_norm_decoder():
             self.sae.set_decoder_norm_to_unit_norm()
+
+    def on_fit_start(self) -> None:
+        norms = self.sae.W_dec.detach().float().norm(dim=-1)
+        if self.unit_norm_decoder() and self.trainer.ckpt_path is None and (norms - 1).abs().max() > 1e-3:
+            warnings.warn(
+                f"decoder rows have norms in [{norms.min():.3g}, {norms.max():.3g}] but decoder='unit_norm' will "
+                "renormalise them after the first step, changing what the SAE computes; train on the scale it was "
+                "trained on (same data normalisation) or set decoder='penalty'", stacklevel=2)
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None
