@@ -57,8 +57,17 @@ DEFAULT_SPARSITY = {"relu": 5.0, "jumprelu": 0.5, "topk": 0.0}
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
+    # Subnormal floats turn up in small CPU runs and slow them down up to 10x; off again afterwards, since
+    # the setting is global to the process (torch's default is off).
+    torch.set_flush_denormal(True)
+    try:
+        return _run(args)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    torch.set_flush_denormal(True)  # tiny CPU runs hit subnormals and slow down 10x without it
     out: Path = args.out
     hook = f"blocks.{args.layer}.hook_resid_post"
     print(f"rsae quickstart: {args.model} {hook}, {args.n_tokens} tokens, {args.family} teacher "
