@@ -120,8 +120,10 @@ class SAEModule(pl.LightningModule):
         try:
             return load(folder)
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err}; train one first (e.g. rsae fit --config configs/<family>-teacher.yaml)"
-                                    ) from err
+            raise FileNotFoundError(
+                f"{err}; run the stage that exports it first (teacher -> calibrate -> finetune: "
+                "rsae fit --config configs/<family>-teacher.yaml, then <family>-calibrate.yaml)"
+            ) from err
 
     def setup(self, stage: str) -> None:
         if self.sae.input_scale != self.data_scale():
