@@ -375,11 +375,12 @@ class GateCalibration(SAEModule):
         self.save_hyperparameters()
         self.teacher_path = teacher
         self.teacher = self.load_sae_folder(teacher).eval().requires_grad_(False)
-        # RemezInit fits and calibrates the gate before the first step (it needs data that __init__ has not got),
-        # so the gate starts as the identity here, in the configured mode.
-        rsae = RSAE.from_teacher(self.teacher, degree=degree, mode="masked", coefficient_sharing=coefficient_sharing,
-                                 n_coefficient_groups=n_coefficient_groups)
-        rsae.cfg = dataclasses.replace(rsae.cfg, mode=mode)
+        # RemezInit copies the teacher's weights and fits and calibrates the gate before the first step (it needs
+        # data that __init__ has not got); here the RSAE only takes its shape, in the configured mode.
+        masked = RSAE.from_teacher(self.teacher, degree=degree, mode="masked",
+                                   coefficient_sharing=coefficient_sharing, n_coefficient_groups=n_coefficient_groups)
+        rsae = RSAE(dataclasses.replace(masked.cfg, mode=mode))
+        rsae.load_state_dict(masked.state_dict(), strict=False)  # the teacher's weights, until RemezInit runs
         rsae.cfg.extra["teacher"] = str(teacher)
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             if hasattr(rsae, name):

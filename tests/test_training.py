@@ -134,6 +134,18 @@ def test_pure_calibration_lowers_the_gate_loss(cache: str, teacher: Path, tmp_pa
     assert losses[-1] < losses[0]
 
 
+def test_pure_calibration_of_a_jumprelu_teacher(cache: str, tmp_path: Path) -> None:
+    dm = datamodule(cache)
+    module = TeacherTraining(family="jumprelu", d_sae=64, lr=3e-3, sparsity_coefficient=1e-3,
+                             jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.05, export_dir=str(tmp_path / "t"),
+                             evaluation=NO_CE, **linked(dm))
+    fit(module, dm, tmp_path, 10)
+    calibration = GateCalibration(teacher=str(tmp_path / "t"), mode="pure", calibration_tokens=512, evaluation=NO_CE,
+                                  export_dir=str(tmp_path / "pure"), **linked(dm))
+    fit(calibration, dm, tmp_path, 2)  # the pure RSAE has no threshold parameter, unlike a masked JumpReLU one
+    assert rsae.load(tmp_path / "pure").cfg.mode == "pure" and not hasattr(calibration.sae, "threshold")
+
+
 def test_finetuning_has_a_gate_learning_rate_and_the_control_is_the_teacher(cache: str, teacher: Path,
                                                                             tmp_path: Path) -> None:
     dm = datamodule(cache)
