@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rsae.lm import LanguageModel, special_mask
+from rsae.lm import LanguageModel, next_token_nll, special_mask
 
 SpliceMode = Literal["sae", "zero", "check"]
 HookFn = Callable[[Tensor, Any], Tensor | None]
@@ -132,13 +132,6 @@ def resolve_hook(lm: LanguageModel, sae: nn.Module, hook_name: str | None) -> st
     return hook_name
 
 
-def _nll(logits: Tensor, tokens: Tensor, keep: Tensor) -> Tensor:
-    """Per-position next-token NLL at the kept positions, log-softmax in fp32 (bf16 logits lose ~1e-2 nats)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return nll[keep]
-
-
 def check_scale(scale: float) -> float:
     """`scale` as a float, refusing 0, negatives and non-finite values (they would divide by zero or flip signs)."""
     if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
@@ -162,7 +155,6 @@ def _splice_nll(lm: LanguageModel, sae: nn.Module, tokens: Tensor, hook_name: st
                 autocast_bf16: bool) -> tuple[Tensor, Tensor, Tensor]:
     """`splice_nll` on checked arguments."""
     special = special_mask(tokens, lm.special_token_ids)
-    keep = ~special[:, 1:] & ~special[:, :-1]
     d_in = int(sae.cfg.d_in)  # type: ignore[union-attr]
 
     def run(mode: SpliceMode) -> Tensor:
@@ -170,7 +162,7 @@ def _splice_nll(lm: LanguageModel, sae: nn.Module, tokens: Tensor, hook_name: st
         with torch.autocast(device_type=tokens.device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
             logits = lm.bridge.run_with_hooks(tokens, fwd_hooks=[(hook_name, hook)], return_type="logits")
         # NLL at once, so that only one batch of logits is alive at a time.
-        return _nll(logits, tokens, keep)
+        return next_token_nll(logits, tokens, lm.special_token_ids)
 
     # The clean run goes first and checks the hook's width, so a wrong SAE fails before it is called.
     return run("check"), run("sae"), run("zero")

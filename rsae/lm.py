@@ -99,11 +99,7 @@ class LanguageModel:
         tokens = tokens.to(self.device)
         with _autocast(self.device, autocast_bf16):
             logits = self.bridge(tokens, return_type="logits")
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        target = tokens[:, 1:]
-        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        keep = ~special_mask(target, self.special_token_ids) & ~special_mask(tokens[:, :-1], self.special_token_ids)
-        return float(nll[keep].mean())
+        return float(next_token_nll(logits, tokens, self.special_token_ids).mean())
 
 
 def hook_layer(name: str) -> int | None:
@@ -133,6 +129,16 @@ def special_mask(tokens: Tensor, special_ids: frozenset[int] | set[int]) -> Tens
         return torch.zeros_like(tokens, dtype=torch.bool)
     ids = torch.tensor(sorted(special_ids), dtype=tokens.dtype, device=tokens.device)
     return torch.isin(tokens, ids)
+
+
+def next_token_nll(logits: Tensor, tokens: Tensor, special_ids: frozenset[int] | set[int]) -> Tensor:
+    """Per-prediction next-token NLL (1-D, row-major) of `tokens` [B, T] under `logits` [B, T, V], leaving out
+    predictions of special tokens and predictions made from special positions; log-softmax in fp32 (bf16
+    logits lose ~1e-2 nats)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+    special = special_mask(tokens, special_ids)
+    return nll[~special[:, 1:] & ~special[:, :-1]]
 
 
 def _autocast(device: torch.device, enabled: bool) -> Any:
