@@ -34,7 +34,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rsae.cache import Store
 from rsae.config import SAEConfig
 from rsae.sae import SparseAutoencoder
 
@@ -153,8 +153,11 @@ def write_report(report: Mapping[str, Any], folder: str | os.PathLike[str]) -> d
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    paths = {"json": _atomic_write(folder / REPORT_FILE, text),
-             "markdown": _atomic_write(folder / "report.md", report_markdown(report))}
+    # Write-then-rename: readers never see a half-written report.
+    store = Store(folder)
+    store.write_atomic(REPORT_FILE, text.encode())
+    store.write_atomic("report.md", report_markdown(report).encode())
+    paths = {"json": folder / REPORT_FILE, "markdown": folder / "report.md"}
     plots = {"density": (report.get("density_histogram"), _plot_density),
              "gate_shapes": (report.get("gate_curves"), _plot_gate_shapes),
              "training": (_training_curves(report.get("training")), _plot_training)}
@@ -163,21 +166,6 @@ def write_report(report: Mapping[str, Any], folder: str | os.PathLike[str]) -> d
             paths[key] = folder / PLOT_FILES[key]
             plot(section, paths[key])
     return paths
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    # A temp file in the same folder, then os.replace: readers never see a half-written report.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:
