@@ -144,22 +144,14 @@ def fit_stage(name: str, folder: Path, datamodule: ActivationDataModule, args: a
 
 def plot_training_curves(folders: dict[str, Path], path: Path) -> None:
     """Training MSE of every stage against step, from the stages' CSV logs."""
-    import matplotlib
+    from rsae.report import plot_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    runs = {}
     for name, folder in folders.items():
         log = folder / "logs" / "version_0" / "metrics.csv"
-        if not log.is_file():
-            continue
-        with log.open() as handle:
-            rows = [r for r in csv.DictReader(handle) if r.get("train/mse")]
-        if rows:
-            ax.plot([int(r["step"]) for r in rows], [float(r["train/mse"]) for r in rows], label=name)
-    ax.set(xlabel="step", ylabel="training MSE (normalised units)", yscale="log", title="training curves")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        if log.is_file():
+            with log.open() as handle:
+                rows = [r for r in csv.DictReader(handle) if r.get("train/mse")]
+            if rows:
+                runs[name] = ([int(r["step"]) for r in rows], [float(r["train/mse"]) for r in rows])
+    plot_curves({"training MSE (normalised units)": runs}, path)

@@ -54,6 +54,7 @@ __all__ = [
     "compare",
     "gate_curves",
     "make_report",
+    "plot_curves",
     "plot_mse_vs_l0",
     "read_report",
     "run_compare",
@@ -321,18 +322,31 @@ def _training_curves(training: Any) -> dict[str, list[Any]] | None:
 
 
 def _plot_training(curves: Mapping[str, Any], path: Path) -> None:
+    steps = curves.get("step")
+    panels = {name: {"": (steps if steps and len(steps) == len(values) else range(len(values)), values)}
+              for name, values in curves.items() if name != "step"}
+    plot_curves(panels, path)
+
+
+def plot_curves(panels: Mapping[str, Mapping[str, tuple[Sequence[Any], Sequence[Any]]]],
+                path: str | os.PathLike[str]) -> Path:
+    """One subplot per panel title, one line per label (`{title: {label: (steps, values)}}`; None values are
+    gaps); log y where every value is positive, since losses span decades."""
     plt = _pyplot()
-    names = [key for key in curves if key != "step"]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
-    for ax, name in zip(axes.flat, names, strict=True):
-        values = curves[name]
-        steps = curves["step"] if curves.get("step") and len(curves["step"]) == len(values) else range(len(values))
-        ax.plot(steps, [math.nan if v is None else v for v in values])
-        if all(v is None or v > 0 for v in values):  # losses span decades
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4 * len(panels), 6), 3.5), squeeze=False)
+    for ax, (title, lines) in zip(axes.flat, panels.items(), strict=True):
+        for label, (steps, values) in lines.items():
+            ax.plot(list(steps), [math.nan if v is None else v for v in values], label=label or None)
+        if all(v is None or v > 0 for _, values in lines.values() for v in values):
             ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(title, fontsize=9)
+        if any(lines):
+            ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     _save(fig, path)
+    return path
 
 
 def plot_mse_vs_l0(reports: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
