@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from rsae.data import activations_of
 from rsae.rational import rational_gate
 from rsae.remez import CANONICAL_THRESHOLD, GateFit
 from rsae.sae import SparseAutoencoder
@@ -189,9 +190,7 @@ def _batches(activations: Tensor | Iterable[Any], batch_size: int, max_tokens: i
     source: Iterable[Any] = activations.split(batch_size) if isinstance(activations, Tensor) else activations
     seen = 0
     for item in source:
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        if not isinstance(x, Tensor):
-            raise TypeError(f"activation batches must be tensors (or tuples starting with one), got {type(x).__name__}")
+        x = activations_of(item)
         x = x.reshape(-1, x.shape[-1])
         if max_tokens is not None:
             x = x[: max_tokens - seen]

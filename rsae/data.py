@@ -519,5 +519,13 @@ class ActivationDataModule(pl.LightningDataModule):
         self._train.resume = (self._consumed_epoch, self._consumed)
 
 
+def activations_of(batch: Any) -> torch.Tensor:
+    """The activation tensor of a batch: the DataModule yields tensors, or `(activations, token_ids)`."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a batch of activations (a tensor or a tuple starting with one), got {type(x)}")
+    return x
+
+
 def _batch_rows(batch: Any) -> int:
-    return int((batch[0] if isinstance(batch, (tuple, list)) else batch).shape[0])
+    return int(activations_of(batch).shape[0])

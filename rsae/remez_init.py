@@ -37,6 +37,7 @@ from torch import Tensor
 from rsae.calibration import CalibrationReport, calibrate
 from rsae.checkpoint import load
 from rsae.config import GateMode
+from rsae.data import activations_of
 from rsae.rational_sae import RSAE
 from rsae.remez import GateFit, fit_gate, lookup_fit
 from rsae.sae import SparseAutoencoder
@@ -202,12 +203,7 @@ def _calibration_batches(trainer: pl.Trainer, device: torch.device) -> Iterator[
     # The fit loop sets its train dataloader up only after on_fit_start; its source knows where it comes from.
     loader: Any = trainer.fit_loop._data_source.dataloader()
     for item in loader:
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        if not isinstance(x, Tensor):
-            raise TypeError(
-                f"RemezInit: training batches must be activation tensors (or tuples starting with one), "
-                f"got {type(x).__name__}"
-            )
+        x = activations_of(item)
         yield x.reshape(-1, x.shape[-1]).to(device)
 
 

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from rsae.checkpoint import load, save
 from rsae.config import CoefficientSharing, Family, GateMode, SAEConfig
+from rsae.data import activations_of
 from rsae.evaluation import EvalConfig, TestRun
 from rsae.metrics import SAEMetrics
 from rsae.models import build_model
@@ -294,14 +295,6 @@ class SAEModule(pl.LightningModule):
 
     def run_name(self) -> str:
         return type(self).__name__.lower()
-
-
-def activations_of(batch: Any) -> Tensor:
-    """The activation tensor of a batch (DataModules may yield `(activations, token_ids)`)."""
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not torch.is_tensor(x):
-        raise TypeError(f"expected a batch of activations (a tensor or a tuple starting with one), got {type(x)}")
-    return x
 
 
 class TeacherTraining(SAEModule):
