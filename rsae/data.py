@@ -57,14 +57,14 @@ class CacheRows:
         self.shard_rows = [int(s["n_rows"]) for s in cache.shards]
         self.d_in = cache.d_model
         self.dtype = cache.dtype
-        self.storage = np.uint16 if self.dtype == "bfloat16" else np.float16
-        self._arrays: dict[int, np.ndarray] = {}
+        self._rows: dict[int, torch.Tensor] = {}
         self._ids: dict[int, np.ndarray] = {}
 
-    def array(self, shard: int) -> np.ndarray:
-        if shard not in self._arrays:
-            self._arrays[shard] = self.cache.activations_array(shard, self.hook)
-        return self._arrays[shard]
+    def rows(self, shard: int) -> torch.Tensor:
+        """The shard's activations as a tensor of the cache dtype over the memory map (no copy)."""
+        if shard not in self._rows:
+            self._rows[shard] = from_storage(self.cache.activations_array(shard, self.hook), self.dtype)
+        return self._rows[shard]
 
     def token_ids(self, shard: int) -> np.ndarray:
         if shard not in self._ids:
@@ -117,18 +117,17 @@ class LMRows:
         self.shard_rows = [int(k.sum()) for k in self.keep]
         self.d_in = self.lm.d_model
         self.dtype = "float32"
-        self.storage = np.float32
         self.model_name = self.lm.name
-        self._cached: tuple[int, np.ndarray] | None = None
+        self._cached: tuple[int, torch.Tensor] | None = None
 
-    def array(self, shard: int) -> np.ndarray:
+    def rows(self, shard: int) -> torch.Tensor:
         if self._cached is None or self._cached[0] != shard:
             parts = []
             for tok, keep in zip(self.tokens[shard].split(self.spec.batch_size),
                                  self.keep[shard].split(self.spec.batch_size), strict=True):
                 acts = self._forward(self.lm, tok, [self.hook], self._stop, self.spec.autocast_bf16)[self.hook]
                 parts.append(acts[keep.to(acts.device)].float().cpu())
-            self._cached = (shard, torch.cat(parts).numpy())
+            self._cached = (shard, torch.cat(parts))
         return self._cached[1]
 
     def token_ids(self, shard: int) -> np.ndarray:
@@ -136,7 +135,7 @@ class LMRows:
 
     def mean_norm(self, shards: list[int]) -> float:
         sample = shards[: max(1, min(len(shards), 2))]
-        norms = [np.linalg.norm(self.array(s).astype(np.float64), axis=-1) for s in sample]
+        norms = [np.linalg.norm(self.rows(s).double().numpy(), axis=-1) for s in sample]
         return float(np.concatenate(norms).mean())
 
 
@@ -151,7 +150,7 @@ class RowStream(IterableDataset):
     def __init__(self, source: Any, shards: list[int], batch_size: int, shuffle: bool, shuffle_buffer: int,
                  seed: int, scale: float = 1.0, dtype: torch.dtype = torch.float32, return_token_ids: bool = False,
                  rank_fn: Callable[[], tuple[int, int]] | None = None, epoch_fn: Callable[[], int] | None = None,
-                 prefetch: int = 2, shuffle_block: int = 8) -> None:
+                 prefetch: int = 0, shuffle_block: int = 8) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size}: expected a positive number of tokens")
         if not shards:
@@ -219,11 +218,9 @@ class RowStream(IterableDataset):
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
         """(batch, token ids or None, rows consumed after them) from row `skip` of this rank's range on.
 
-        Each window's permutation is cut into batches and each batch's indices are sorted, then the rows
-        are gathered straight from the (memory-mapped) shards, a few hundred rows at a time into a small
-        buffer that stays in cache and is converted (and scaled) from there into the batch: the data is read
-        from the shards once and written once, as by a sequential reader. Order inside a batch carries no
-        information for SAE training."""
+        Each window's permutation is cut into batches and each batch's indices are sorted (order inside a
+        batch carries no information for SAE training), then the rows are gathered straight from the
+        (memory-mapped) shards by `_Gather`."""
         for w_start in range((skip // self.window) * self.window, count, self.window):
             w_stop = min(w_start + self.window, count)
             pieces = list(self._segments(order, first + w_start, first + w_stop))
@@ -233,18 +230,14 @@ class RowStream(IterableDataset):
                 n = min(self.batch_size, w_stop - w_start - b)
                 idx = np.arange(b, b + n) if perm is None else np.sort(perm[b: b + n])
                 cuts = np.searchsorted(idx, starts)
-                batch = gather.new(n)
-                ids = np.empty(n, dtype=np.int32) if self.return_token_ids else None
-                for k, (shard, lo, _) in enumerate(pieces):
-                    a, z = int(cuts[k]), int(cuts[k + 1])
-                    if a == z:
-                        continue
-                    local = idx[a:z] - (starts[k] - lo)
-                    gather.fill(batch, a, self.source.array(shard), local)
-                    if ids is not None:
-                        np.take(self.source.token_ids(shard), local, out=ids[a:z], mode="clip")
-                yield gather.tensor(batch), (torch.from_numpy(ids).long() if ids is not None else None), \
-                    w_start + b + n
+                parts = [(shard, int(cuts[k]), idx[cuts[k]: cuts[k + 1]] - (starts[k] - lo))
+                         for k, (shard, lo, _) in enumerate(pieces) if cuts[k] < cuts[k + 1]]
+                ids = None
+                if self.return_token_ids:
+                    ids = np.empty(n, dtype=np.int32)
+                    for shard, at, local in parts:
+                        np.take(self.source.token_ids(shard), local, out=ids[at: at + len(local)], mode="clip")
+                yield gather(n, parts), (torch.from_numpy(ids).long() if ids is not None else None), w_start + b + n
 
     def current_epoch(self) -> int:
         return self.epoch_fn() if self.epoch_fn is not None else self._own_epoch
@@ -258,9 +251,8 @@ class RowStream(IterableDataset):
             skip = min(self.resume[1], count)
         self.resume = None
         self.rows_yielded = skip
-        gather = _Gather(self.source.storage, self.source.dtype, self.dtype, self.source.d_in, self.scale)
+        gather = _Gather(self.source, self.dtype, self.scale)
         batches = self._batches(epoch, rank, order, first, count, skip, gather)
-        # Gather, conversion and scaling all run in the prefetch thread, overlapping the training step.
         for batch, ids, consumed in (_prefetch(batches, self.prefetch) if self.prefetch > 0 else batches):
             self.rows_yielded = consumed
             yield (batch, ids) if ids is not None else batch
@@ -268,65 +260,34 @@ class RowStream(IterableDataset):
             self._own_epoch += 1
 
 
-def to_float(rows: np.ndarray, stored: str, dtype: torch.dtype) -> torch.Tensor:
-    """Stored rows as a tensor of `dtype` (bf16 -> fp32 by a 16-bit shift in numpy, the loader's conversion)."""
-    if stored == "bfloat16" and dtype == torch.float32:
-        out = np.left_shift(rows, 16, dtype=np.uint32)
-        return torch.from_numpy(out.view(np.float32))
-    return from_storage(rows, stored).to(dtype)
-
-
 class _Gather:
-    """Rows of a memmap gathered into a fresh batch of the output dtype, converted and scaled on the way.
+    """Rows of the shards gathered into a fresh batch of the output dtype, converted and scaled on the way.
 
-    `np.take(..., mode="clip")` writes straight into its `out` (the default `mode="raise"` gathers into a
-    temporary copy first). Rows are gathered `CHUNK` at a time into a buffer small enough to stay in cache,
-    and converted from there, so the batch is written once; bf16 -> fp32 is the 16-bit shift of `to_float`."""
+    torch's `index_select` gathers the stored rows (in parallel, a row copy each) into a staging buffer of
+    the stored dtype that this producer keeps and reuses; one conversion then writes the fresh batch. The
+    gathered bytes are half those of the fp32 batch and stay in cache for the conversion, so the batch
+    costs about what a sequential reader pays for reading and converting the same rows. Without a
+    conversion (output dtype = stored dtype) the rows are gathered straight into the batch."""
 
-    CHUNK = 256
+    def __init__(self, source: Any, dtype: torch.dtype, scale: float) -> None:
+        self.source, self.dtype, self.scale = source, dtype, scale
+        self.stored = getattr(torch, source.dtype)
+        self.stage = torch.empty(0, source.d_in, dtype=self.stored)
 
-    def __init__(self, storage: Any, stored: str, dtype: torch.dtype, d: int, scale: float) -> None:
-        self.storage, self.stored, self.dtype, self.d, self.scale = np.dtype(storage), stored, dtype, d, scale
-        self.shift = stored == "bfloat16" and dtype == torch.float32
-        self.direct = str(dtype).removeprefix("torch.") == stored  # no conversion
-        self.tmp = np.empty((self.CHUNK, d), dtype=self.storage)
-
-    def new(self, n: int) -> Any:
-        if self.shift:
-            return np.empty((n, self.d), dtype=np.uint32)
-        if self.direct:
-            return np.empty((n, self.d), dtype=self.storage)
-        return torch.empty((n, self.d), dtype=self.dtype)
-
-    def fill(self, out: Any, at: int, src: np.ndarray, idx: np.ndarray) -> None:
-        """out[at: at + len(idx)] = convert(src[idx]) * scale."""
-        if self.direct:  # stored dtype is the output dtype: gather straight into the batch
-            np.take(src, idx, axis=0, out=out[at: at + len(idx)], mode="clip")
-            if self.scale != 1.0:
-                from_storage(out[at: at + len(idx)], self.stored).mul_(self.scale)
-            return
-        for c in range(0, len(idx), self.CHUNK):
-            part = idx[c: c + self.CHUNK]
-            tmp = self.tmp[: len(part)]
-            np.take(src, part, axis=0, out=tmp, mode="clip")
-            lo = at + c
-            if self.shift:
-                dst = out[lo: lo + len(part)]
-                np.left_shift(tmp, 16, out=dst, dtype=np.uint32)  # a uint16 loop would shift every bit out
-                if self.scale != 1.0:
-                    np.multiply(dst.view(np.float32), np.float32(self.scale), out=dst.view(np.float32))
-            else:
-                dst = out[lo: lo + len(part)]
-                dst.copy_(from_storage(tmp, self.stored))
-                if self.scale != 1.0:
-                    dst.mul_(self.scale)
-
-    def tensor(self, out: Any) -> torch.Tensor:
-        if self.shift:
-            return torch.from_numpy(out.view(np.float32))
-        if self.direct:
-            return from_storage(out, self.stored)
-        return out
+    def __call__(self, n: int, parts: list[tuple[int, int, np.ndarray]]) -> torch.Tensor:
+        """The batch of `n` rows: rows `local` of `shard` land at `at:at + len(local)`, for each part."""
+        direct = self.dtype == self.stored
+        if direct:
+            out = torch.empty(n, self.source.d_in, dtype=self.stored)
+        else:
+            if self.stage.shape[0] < n:
+                self.stage = torch.empty(n, self.source.d_in, dtype=self.stored)
+            out = self.stage[:n]
+        for shard, at, local in parts:
+            torch.index_select(self.source.rows(shard), 0, torch.from_numpy(local), out=out[at: at + len(local)])
+        if not direct:
+            out = out.to(self.dtype)
+        return out.mul_(self.scale) if self.scale != 1.0 else out
 
 
 def _prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
@@ -389,6 +350,9 @@ class ActivationDataModule(pl.LightningDataModule):
         shuffle_block: the shuffle moves runs of this many consecutive rows of a window (1: single rows).
             Runs of 8 make the gather near-sequential (~1.6x the throughput of single rows) while each batch
             still draws batch_size / 8 runs from all over the window, across shards.
+        prefetch: batches prepared ahead in a background thread. None (default): 2 when the Trainer runs
+            on an accelerator, where the thread overlaps the device's step; 0 on CPU, where it would compete
+            with the step for the same cores (measured: no gain in a CPU fit, ~2x slower delivery alone).
         val_shards / test_shards: shards held out from training (the last ones).
         seed: seeds the shard order and the shuffles (same seed, same data order).
         normalize / target_norm: scale activations to this mean L2 norm (default sqrt(d_in)).
@@ -402,7 +366,7 @@ class ActivationDataModule(pl.LightningDataModule):
                  shuffle_buffer: int = 1 << 17, val_shards: int = 1, test_shards: int = 0, seed: int = 0,
                  normalize: bool = False, target_norm: float | None = None, dtype: str = "float32",
                  return_token_ids: bool = False, verify: str = "sha256", on_the_fly: OnTheFly | None = None,
-                 shuffle_block: int = 8) -> None:
+                 shuffle_block: int = 8, prefetch: int | None = None) -> None:
         super().__init__()
         if (cache is None) == (on_the_fly is None):
             raise ValueError("pass exactly one of cache= (a cache folder/URL) and on_the_fly= (an OnTheFly spec)")
@@ -430,6 +394,9 @@ class ActivationDataModule(pl.LightningDataModule):
         self.val_shard_ids = list(range(n - val_shards, n))
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
         self.shuffle_block = shuffle_block
+        if prefetch is not None and prefetch < 0:
+            raise ValueError(f"prefetch={prefetch}: expected None (automatic) or a number of batches >= 0")
+        self.prefetch = prefetch
         self.dtype = getattr(torch, dtype)
         self.return_token_ids = return_token_ids
         self.normalize = normalize
@@ -466,7 +433,13 @@ class ActivationDataModule(pl.LightningDataModule):
     def _stream(self, shards: list[int], shuffle: bool, epoch_fn: Callable[[], int] | None) -> RowStream:
         return RowStream(self.source, shards, self.batch_size, shuffle, self.shuffle_buffer, self.seed,
                          self.norm_factor, self.dtype, self.return_token_ids, self._rank, epoch_fn,
-                         shuffle_block=self.shuffle_block)
+                         prefetch=self._prefetch_depth(), shuffle_block=self.shuffle_block)
+
+    def _prefetch_depth(self) -> int:
+        if self.prefetch is not None:
+            return self.prefetch
+        trainer = self._trainer_or_none()
+        return 2 if trainer is not None and trainer.strategy.root_device.type != "cpu" else 0
 
     def train_dataloader(self) -> DataLoader:
         self._train = self._stream(self.train_shards, True, self._epoch)

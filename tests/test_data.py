@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -240,7 +241,8 @@ def test_on_the_fly_matches_the_lm_and_splits(tmp_path):  # type: ignore[no-unty
     assert isinstance(dm._train, RowStream) and len(list(dm.val_dataloader())) == math.ceil(120 / 32)
 
 
-def test_a_corrupt_shard_stops_the_loader_and_is_named(tmp_path):  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_corrupt_shard_stops_the_loader_and_is_named(tmp_path, prefetch):  # type: ignore[no-untyped-def]
     from rsae.cache import CorruptShardError
 
     folder = synthetic_cache(tmp_path / "cache", n_shards=4)
@@ -248,9 +250,27 @@ def test_a_corrupt_shard_stops_the_loader_and_is_named(tmp_path):  # type: ignor
     data = bytearray(victim.read_bytes())
     data[-3] ^= 0x01
     victim.write_bytes(bytes(data))
-    dm = ActivationDataModule(str(folder), batch_size=16, val_shards=1)
+    dm = ActivationDataModule(str(folder), batch_size=16, val_shards=1, prefetch=prefetch)
     with pytest.raises(CorruptShardError, match=r"shard-00002\.blocks\.0\.hook_resid_post\.npy"):
-        list(dm.train_dataloader())  # raised from the prefetch thread in the consumer
+        list(dm.train_dataloader())  # with prefetch: raised in the background thread, re-raised in the consumer
+
+
+def test_prefetch_yields_the_same_batches_and_is_automatic_per_device(cache):  # type: ignore[no-untyped-def]
+    plain = ActivationDataModule(cache, batch_size=32, val_shards=1, normalize=True, return_token_ids=True)
+    ahead = ActivationDataModule(cache, batch_size=32, val_shards=1, normalize=True, return_token_ids=True,
+                                 prefetch=2)
+    for (x, i), (y, j) in zip(plain.train_dataloader(), ahead.train_dataloader(), strict=True):
+        assert torch.equal(x, y) and torch.equal(i, j)
+    assert plain.train_dataloader().dataset.prefetch == 0  # no Trainer: nothing to overlap with
+
+    def on(device: str) -> int:
+        plain.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0,
+                                        world_size=1, current_epoch=0, training=True)
+        return plain.train_dataloader().dataset.prefetch
+
+    assert on("cpu") == 0 and on("cuda") == 2
+    with pytest.raises(ValueError, match="prefetch"):
+        ActivationDataModule(cache, prefetch=-1)
 
 
 @pytest.mark.parametrize("block", [1, 5, 8])
