@@ -348,7 +348,7 @@ class ActivationDataModule(pl.LightningDataModule):
         batch_size: tokens per batch (per rank).
         shuffle_buffer: rows shuffled together (token level) per window.
         shuffle_block: the shuffle moves runs of this many consecutive rows of a window (1: single rows).
-            Runs of 8 make the gather near-sequential (~1.6x the throughput of single rows) while each batch
+            Runs of 8 make the gather ~1.5x faster than single rows while each batch
             still draws batch_size / 8 runs from all over the window, across shards.
         prefetch: batches prepared ahead in a background thread. None (default): 2 when the Trainer runs
             on an accelerator, where the thread overlaps the device's step; 0 on CPU, where it would compete
