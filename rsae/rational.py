@@ -46,12 +46,15 @@ forward and backward is one fused pass over memory instead of ~40 eager kernels.
 variable ``RSAE_COMPILE=0`` to run the very same functions eagerly (still low memory, slower); if
 compilation fails the functions fall back to eager with a one-time warning.
 
-The backward's per-column sums (gradients of shift, scale_in, scale_out) are a reduction over rows,
-which inductor's CPU code walks with a stride of one row. With shared coefficients the compiled
-backward therefore sees x and grad as [M / B, B, F] row blocks (``B = 8`` for fp32, 16 for bf16/fp16;
-env var ``RSAE_ROW_BLOCK``, 1 disables it) and returns [M / B, F] fp32 partial column sums that aten
-sums over the leading dim: ~2x faster backward at (4096, 16384), for ~0.19x relu's peak memory in
-partials.
+Every sum the backward needs (the per-column gradients of shift, scale_in and scale_out, and the
+coefficient gradients) is taken per column and per block of B rows: the compiled backward sees x and
+grad as [M / B, B, F] row blocks (``B = 128`` for fp32, 256 for bf16/fp16; env var ``RSAE_ROW_BLOCK``,
+1 disables it) and returns [M / B, F] fp32 partial sums that aten sums afterwards (over columns too when
+the coefficients are shared). Inductor walks a column reduction down the rows with a stride of one row;
+within a block the loads touch B neighbouring streams that stay in cache, and with every sum of the same
+shape all of them share one loop. At (4096, 16384), degree (9, 8), that backward is ~1.3x faster than
+with whole-tensor coefficient sums beside the column sums (which inductor gave a loop of their own), and
+the 1 + p + q + 4 partials cost ~0.09x relu's peak memory.
 """
 
 from __future__ import annotations
@@ -222,18 +225,11 @@ def _forward_body(p: int, q: int) -> Callable[..., Tensor]:
     return rational_forward
 
 
-def _backward_body(p: int, q: int, shared: bool, blocked: bool = False) -> Callable[..., tuple[Tensor, ...]]:
-    # blocked: x and grad arrive as [M / B, B, F] views (B a small block of rows). Column sums are then
-    # taken over each block only (dim 1), giving [M / B, F] partials that the caller sums with aten.
-    # Inductor walks a column reduction down the rows with a stride of one row (64 KB at F = 16384:
-    # a cache and TLB miss per load); within a block of B rows the loads touch B neighbouring streams
-    # that stay in cache, which is several times faster than one walk down all M rows.
+def _backward_body(p: int, q: int, blocked: bool = False) -> Callable[..., tuple[Tensor, ...]]:
+    # blocked: x and grad arrive as [M / B, B, F] views (B a block of rows) and every sum is taken over
+    # each block only (dim 1), giving [M / B, F] partials that the caller sums with aten (see module doc).
     def column_sum(t: Tensor) -> Tensor:
         return t.sum(1) if blocked else t.sum(0)
-
-    def coefficient_sum(t: Tensor) -> Tensor:
-        # Shared coefficients need only whole-tensor sums, which stream through memory.
-        return t.sum().reshape(1) if shared else column_sum(t)
 
     def rational_backward(grad: Tensor, x: Tensor, shift: Tensor, inv_scale_in: Tensor, scale_out: Tensor,
                           numerator: Tensor, denominator: Tensor) -> tuple[Tensor, ...]:
@@ -264,7 +260,7 @@ def _backward_body(p: int, q: int, shared: bool, blocked: bool = False) -> Calla
         # both, with tc^i = sgn * y^i for odd i. The slope part only lives in the tails (|tc| = 1),
         # where it is (per column) w d dR'(+-1)/dcoef: two sums suffice, combined outside.
         w_q_sgn = w_q * sgn
-        sums_a = [coefficient_sum(w_q), coefficient_sum(w_q * tc)]
+        sums_a = [column_sum(w_q), column_sum(w_q * tc)]
         sums_c = []
         w_qr = -w_q * value
         power = y
@@ -272,10 +268,10 @@ def _backward_body(p: int, q: int, shared: bool, blocked: bool = False) -> Calla
             if k > 1:
                 power = power * y
                 if k <= p:
-                    sums_a.append(coefficient_sum((w_q_sgn if k % 2 else w_q) * power))
+                    sums_a.append(column_sum((w_q_sgn if k % 2 else w_q) * power))
             if k <= q:
-                sums_c.append(coefficient_sum(w_qr * power))
-        tail_pos = coefficient_sum(w * d.clamp_min(0.0))
+                sums_c.append(column_sum(w_qr * power))
+        tail_pos = column_sum(w * d.clamp_min(0.0))
         return (
             grad_x.to(x.dtype),
             sum_grad_x,
@@ -322,12 +318,10 @@ _COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
 _COMPILE_FAILED = False
 
 
-def _body(
-    kind: str, p: int, q: int, shared: bool, compiled: bool, variant: tuple[Any, ...] = ()
-) -> Callable[..., Any]:
-    key = (kind, p, q, shared, variant)
+def _body(kind: str, p: int, q: int, compiled: bool, variant: tuple[Any, ...] = ()) -> Callable[..., Any]:
+    key = (kind, p, q, variant)
     if key not in _EAGER:
-        body = _forward_body(p, q) if kind == "fwd" else _backward_body(p, q, shared, kind == "bwd_blocked")
+        body = _forward_body(p, q) if kind == "fwd" else _backward_body(p, q, kind == "bwd_blocked")
         _EAGER[key] = _fresh_code(body, f"p{p}_q{q}_v{len(_EAGER)}")
     if not compiled:
         return _EAGER[key]
@@ -344,24 +338,25 @@ def _variant(args: tuple[Tensor, ...]) -> tuple[Any, ...]:
     return tuple((t.dtype, tuple(size == 1 for size in t.shape)) for t in args)
 
 
-ROW_BLOCK = int(os.environ.get("RSAE_ROW_BLOCK", "8"))
+ROW_BLOCK = int(os.environ.get("RSAE_ROW_BLOCK", "128"))
 
 
 def _row_block(n_rows: int, element_size: int = 4) -> int:
     """Rows per block for the blocked backward: the largest power of two <= ROW_BLOCK dividing n_rows
-    (1, i.e. unblocked, for odd n_rows or tiny inputs). The three fp32 [M / B, F] partials cost 12 / B
-    bytes per element; for 2-byte inputs B is doubled so they stay ~3/16 of relu's peak either way."""
+    (1, i.e. unblocked, for odd n_rows or tiny inputs). The p + q + 5 fp32 [M / B, F] partials cost
+    4 (p + q + 5) / B bytes per element; for 2-byte inputs B is doubled so they stay the same fraction of
+    relu's peak either way."""
     block = ROW_BLOCK * max(1, 4 // element_size) if ROW_BLOCK > 1 else 1
     while block > 1 and (n_rows % block or n_rows < 2 * block):
         block //= 2
     return block
 
 
-def _run(kind: str, p: int, q: int, shared: bool, compiled: bool, *args: Tensor) -> Any:
+def _run(kind: str, p: int, q: int, compiled: bool, *args: Tensor) -> Any:
     global _COMPILE_FAILED
     if compiled and not _COMPILE_FAILED:
         try:
-            return _body(kind, p, q, shared, True, _variant(args))(*args)
+            return _body(kind, p, q, True, _variant(args))(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure must degrade, not crash training
             _COMPILE_FAILED = True
             warnings.warn(
@@ -370,7 +365,7 @@ def _run(kind: str, p: int, q: int, shared: bool, compiled: bool, *args: Tensor)
                 RuntimeWarning,
                 stacklevel=3,
             )
-    return _body(kind, p, q, shared, False)(*args)
+    return _body(kind, p, q, False)(*args)
 
 
 def _compact(coefs: Tensor, cd: torch.dtype) -> Tensor:
@@ -400,7 +395,7 @@ class _RationalGateFunction(torch.autograd.Function):
             cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
             a, c = _compact(numerator, cd), _compact(denominator, cd)
             _, slope_pos, _, _ = _endpoint(a, c, 1)
-            return _run("fwd", p, q, False, compiled, x, shift.to(cd), 1.0 / scale_in.to(cd), scale_out.to(cd), a, c,
+            return _run("fwd", p, q, compiled, x, shift.to(cd), 1.0 / scale_in.to(cd), scale_out.to(cd), a, c,
                         slope_pos)
 
     @staticmethod
@@ -411,24 +406,24 @@ class _RationalGateFunction(torch.autograd.Function):
             cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
             a, c = _compact(numerator, cd), _compact(denominator, cd)
             inv_scale_in = 1.0 / scale_in.to(cd)
-            shared = numerator.shape[1] == 1
-            block = _row_block(x.shape[0], x.element_size()) if ctx.compiled and shared else 1
+            block = _row_block(x.shape[0], x.element_size()) if ctx.compiled else 1
             if block > 1:
                 n_rows, n_cols = x.shape
                 blocked = (n_rows // block, block, n_cols)
-                grad_x, sum_gx, sum_gxu, sum_gr, sums_a, sums_c, tail_pos = _run(
-                    "bwd_blocked", p, q, shared, ctx.compiled, grad.contiguous().view(blocked),
-                    x.contiguous().view(blocked), shift.to(cd), inv_scale_in, scale_out.to(cd), a, c)
+                grad_x, *sums = _run("bwd_blocked", p, q, ctx.compiled, grad.contiguous().view(blocked),
+                                     x.contiguous().view(blocked), shift.to(cd), inv_scale_in, scale_out.to(cd), a, c)
                 grad_x = grad_x.view(n_rows, n_cols)
-                # [M / B, F] partials: aten's sum over the leading dim streams through rows.
-                sum_gx, sum_gxu, sum_gr = sum_gx.sum(0), sum_gxu.sum(0), sum_gr.sum(0)
+                # [.., M / B, F] partials: aten's sum over the blocks streams through rows.
+                sum_gx, sum_gxu, sum_gr, sums_a, sums_c, tail_pos = (t.sum(-2) for t in sums)
             else:
                 grad_x, sum_gx, sum_gxu, sum_gr, sums_a, sums_c, tail_pos = _run(
-                    "bwd", p, q, shared, ctx.compiled, grad, x, shift.to(cd), inv_scale_in, scale_out.to(cd), a, c)
+                    "bwd", p, q, ctx.compiled, grad, x, shift.to(cd), inv_scale_in, scale_out.to(cd), a, c)
             _, _, dpos_da, dpos_dc = _endpoint(a, c, 1)
-            # dpos_da etc. are [p+1, 1] for shared coefficients: broadcasting restores [p+1, F].
+            # Per-column [k, F] coefficient gradients; shared [k, 1] coefficients take their sum.
             grad_a = sums_a + tail_pos * dpos_da
             grad_c = sums_c + tail_pos * dpos_dc
+            if numerator.shape[1] == 1:
+                grad_a, grad_c = grad_a.sum(1, keepdim=True), grad_c.sum(1, keepdim=True)
             grads = (
                 grad_x,
                 (-sum_gx).to(shift.dtype),

@@ -87,21 +87,25 @@ def test_shared_coefficients_take_whole_tensor_sums(compiled):
                                rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 6, 32, 40, 64])
-def test_blocked_backward_matches_reference(rows):
-    """Shared coefficients and compiled: the backward views x as [M / B, B, F] row blocks (B a power of
-    two dividing M; unblocked for odd or tiny M). Every row count must give the reference gradients."""
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 32, 40, 64, 768])
+def test_blocked_backward_matches_reference(rows, shared):
+    """Compiled: the backward views x as [M / B, B, F] row blocks (B a power of two dividing M; unblocked for
+    odd or tiny M) and sums per block and column. Every row count must give the reference gradients, for
+    shared [k, 1] coefficients (summed over columns) and per-column [k, F] ones."""
     p, q = 3, 2
-    assert rational._row_block(rows) in (1, 2, 4, 8, 16, 32, 64)
+    assert rational._row_block(rows) in (1, 2, 4, 8, 16, 32, 64, 128)
     assert rows % rational._row_block(rows) == 0
     args = make_args(rows, 5, p, q, dtype=torch.float32, seed=rows)
-    a, c = (t.detach()[:, :1].clone().requires_grad_() for t in args[4:])
+    a, c = (t.detach()[:, :1].clone() if shared else t.detach().clone() for t in args[4:])
+    a, c = a.requires_grad_(), c.requires_grad_()
     out = rational_gate(*args[:4], a, c, compiled=True)
     ref = reference_gate(*args[:4], a.expand(p + 1, 5), c.expand(q, 5))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(out)
     inputs = (*args[:4], a, c)
     for got, want in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g), strict=True):
+        assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -227,11 +231,12 @@ def test_compiled_matches_reference_fp32(degree):
 def test_compiled_batch_size_change_does_not_recompile():
     from torch._dynamo.utils import counters
 
-    p, q = 3, 2
-    args = make_args(16, 24, p, q, dtype=torch.float32)
-    rational_gate(*args, compiled=True).sum().backward()
+    p, q = 3, 3  # q != 2: the smallest blocked batches have 2 blocks, and dynamo would tie that size to q
+    # One graph per layout: row blocks (even batches) and plain rows (odd ones); sizes are symbolic.
+    for m in (16, 5):
+        rational_gate(*make_args(m, 24, p, q, dtype=torch.float32), compiled=True).sum().backward()
     before = counters["stats"]["unique_graphs"]
-    for m in (5, 33):
+    for m in (48, 512, 33, 7):
         args = make_args(m, 24, p, q, dtype=torch.float32)
         rational_gate(*args, compiled=True).sum().backward()
     assert counters["stats"]["unique_graphs"] == before
@@ -315,8 +320,8 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
 
     monkeypatch.setattr(rational, "_COMPILE_FAILED", False)
     monkeypatch.setattr(rational, "_variant", lambda args: ("broken",))
-    monkeypatch.setitem(rational._COMPILED, ("fwd", 2, 1, False, ("broken",)), broken)
-    monkeypatch.setitem(rational._COMPILED, ("bwd", 2, 1, False, ("broken",)), broken)
+    monkeypatch.setitem(rational._COMPILED, ("fwd", 2, 1, ("broken",)), broken)
+    monkeypatch.setitem(rational._COMPILED, ("bwd", 2, 1, ("broken",)), broken)
     args = make_args(4, 3, 2, 1, dtype=torch.float32)
     with pytest.warns(RuntimeWarning, match="falling back to eager"):
         out = rational_gate(*args, compiled=True)
