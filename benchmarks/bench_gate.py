@@ -22,7 +22,7 @@ How it measures (and why):
 - The machine may be shared: numbers are noisy; ratios gate/relu are taken within one run.
 
 Usage: python benchmarks/bench_gate.py [--degree 9,8 --degree 3,2] [--rows 4096 --cols 16384]
-       [--reps 5] [--json PATH] [--markdown PATH] [--no-reference]
+       [--reps 5] [--json PATH] [--markdown PATH] [--no-reference] [--layout rows|features]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 TIME_GOAL = 2.0
@@ -47,7 +48,8 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_case(case: str, dtype_name: str, degree: tuple[int, int], rows: int, cols: int, reps: int) -> dict:
+def run_case(case: str, dtype_name: str, degree: tuple[int, int], rows: int, cols: int, reps: int,
+             layout: str = "rows") -> dict:
     """Executed inside the subprocess."""
     import torch
 
@@ -71,19 +73,19 @@ def run_case(case: str, dtype_name: str, degree: tuple[int, int], rows: int, col
     # remaining shape specialisation now rather than inside the measured step).
     for n_rows, n_cols in ((64, 256), (96, 384)):
         small = make(n_cols)
-        xs = torch.randn(n_rows, n_cols, dtype=dtype, requires_grad=True)
+        xs = _tensor(n_rows, n_cols, dtype, layout).normal_().requires_grad_()
         for _ in range(2):
-            small(xs).backward(torch.randn(n_rows, n_cols, dtype=dtype))
+            small(_view(xs, layout)).backward(_view(_tensor(n_rows, n_cols, dtype, layout).normal_(), layout))
 
     f = make(cols)
     # filled in place, in the target dtype: no full-size temporaries raise the RSS high-water mark
     # before the baseline is read (which would hide part of the step's peak)
-    x = torch.empty(rows, cols, dtype=dtype).normal_(0.0, 2.0).requires_grad_()
-    g = torch.empty(rows, cols, dtype=dtype).normal_()
+    x = _tensor(rows, cols, dtype, layout).normal_(0.0, 2.0).requires_grad_()
+    g = _view(_tensor(rows, cols, dtype, layout).normal_(), layout)
     x.grad = None
     base = _maxrss_bytes()
     t0 = time.perf_counter()
-    f(x).backward(g)
+    f(_view(x, layout)).backward(g)
     first = time.perf_counter() - t0
     peak = _maxrss_bytes() - base
     times = []
@@ -92,14 +94,26 @@ def run_case(case: str, dtype_name: str, degree: tuple[int, int], rows: int, col
         if hasattr(f, "zero_grad"):
             f.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        f(x).backward(g)
+        f(_view(x, layout)).backward(g)
         times.append(time.perf_counter() - t0)
     return {"case": case, "dtype": dtype_name, "degree": list(degree), "time_s": statistics.median(times),
             "times_s": times, "first_step_s": first, "peak_extra_bytes": peak, "input_bytes": x.numel() * x.element_size()}
 
 
-def spawn(case: str, dtype: str, degree: tuple[int, int], rows: int, cols: int, reps: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", case, dtype, f"{degree[0]},{degree[1]}", str(rows), str(cols), str(reps)]
+def _tensor(rows: int, cols: int, dtype: Any, layout: str) -> Any:
+    """Storage for a [rows, cols] input: row-major, or feature-major ([cols, rows] in memory)."""
+    import torch
+
+    return torch.empty(rows, cols, dtype=dtype) if layout == "rows" else torch.empty(cols, rows, dtype=dtype)
+
+
+def _view(t: Any, layout: str) -> Any:
+    return t if layout == "rows" else t.T
+
+
+def spawn(case: str, dtype: str, degree: tuple[int, int], rows: int, cols: int, reps: int, layout: str = "rows") -> dict:
+    cmd = [sys.executable, __file__, "--child", case, dtype, f"{degree[0]},{degree[1]}", str(rows), str(cols), str(reps),
+           layout]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"case {case}/{dtype} failed:\n{out.stderr[-3000:]}")
@@ -108,9 +122,9 @@ def spawn(case: str, dtype: str, degree: tuple[int, int], rows: int, cols: int, 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        case, dtype, deg, rows, cols, reps = sys.argv[2:8]
+        case, dtype, deg, rows, cols, reps, layout = sys.argv[2:9]
         p, q = map(int, deg.split(","))
-        print(json.dumps(run_case(case, dtype, (p, q), int(rows), int(cols), int(reps))))
+        print(json.dumps(run_case(case, dtype, (p, q), int(rows), int(cols), int(reps), layout)))
         return
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +135,9 @@ def main() -> None:
     ap.add_argument("--reference-reps", type=int, default=2, help="reps for the slow eager reference")
     ap.add_argument("--reference-shrink", type=int, default=16, help="reference runs on rows // this")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--layout", choices=("rows", "features"), default="rows",
+                    help="memory layout of the [rows, cols] input: row-major, or feature-major ([cols, rows] in memory, "
+                         "as addmm(b, W.T, x.T).T produces it)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
     args = ap.parse_args()
@@ -129,7 +146,7 @@ def main() -> None:
     results = []
     rows_out = []
     for dtype in ("float32", "bfloat16"):
-        relu_full = spawn("relu", dtype, (1, 0), args.rows, args.cols, args.reps)
+        relu_full = spawn("relu", dtype, (1, 0), args.rows, args.cols, args.reps, args.layout)
         results.append(relu_full)
         ref_rows = max(1, args.rows // args.reference_shrink)
         relu_small = None
@@ -140,7 +157,7 @@ def main() -> None:
             cases = ["gate"] + ([] if args.no_reference else ["reference"])
             for case in cases:
                 if case == "gate":
-                    r = spawn(case, dtype, degree, args.rows, args.cols, args.reps)
+                    r = spawn(case, dtype, degree, args.rows, args.cols, args.reps, args.layout)
                     relu, n_rows = relu_full, args.rows
                 else:
                     r = spawn(case, dtype, degree, ref_rows, args.cols, args.reference_reps)
@@ -159,7 +176,7 @@ def main() -> None:
                       f"(relu {relu['time_s']:.3f}s) x{t_ratio:.2f}   peak +{rows_out[-1]['peak_mib']:.0f} MiB "
                       f"(relu +{rows_out[-1]['relu_peak_mib']:.0f} MiB) x{m_ratio:.2f}", flush=True)
 
-    meta = {"rows": args.rows, "cols": args.cols, "reps": args.reps, "machine": platform.processor() or platform.machine(),
+    meta = {"rows": args.rows, "cols": args.cols, "reps": args.reps, "layout": args.layout, "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "goal": {"time_ratio": TIME_GOAL, "memory_ratio": MEMORY_GOAL},
             "memory_method": "peak RSS delta of one full-size fwd+bwd step in a fresh subprocess"}
     if args.json:

@@ -52,9 +52,10 @@ grad as [M / B, B, F] row blocks (``B = 128`` for fp32, 256 for bf16/fp16; env v
 1 disables it) and returns [M / B, F] fp32 partial sums that aten sums afterwards (over columns too when
 the coefficients are shared). Inductor walks a column reduction down the rows with a stride of one row;
 within a block the loads touch B neighbouring streams that stay in cache, and with every sum of the same
-shape all of them share one loop. At (4096, 16384), degree (9, 8), that backward is ~1.3x faster than
+shape all of them share one loop. At (4096, 16384), degree (9, 8), that backward is ~1.2x faster than
 with whole-tensor coefficient sums beside the column sums (which inductor gave a loop of their own), and
-the 1 + p + q + 4 partials cost ~0.09x relu's peak memory.
+the p + q + 5 partials cost ~0.09x relu's peak memory. grad_x still has a loop of its own: inductor does not
+fuse a pointwise store into a reduction down the rows (see benchmarks/results/bench_gate.md).
 """
 
 from __future__ import annotations
@@ -406,7 +407,10 @@ class _RationalGateFunction(torch.autograd.Function):
             cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
             a, c = _compact(numerator, cd), _compact(denominator, cd)
             inv_scale_in = 1.0 / scale_in.to(cd)
-            block = _row_block(x.shape[0], x.element_size()) if ctx.compiled else 1
+            # Feature-major x ([F, M] in memory): the column sums run along contiguous memory, and inductor
+            # fuses them and grad_x into one loop without any blocking.
+            feature_major = x.shape[0] > 1 and x.stride(0) == 1
+            block = _row_block(x.shape[0], x.element_size()) if ctx.compiled and not feature_major else 1
             if block > 1:
                 n_rows, n_cols = x.shape
                 blocked = (n_rows // block, block, n_cols)

@@ -109,6 +109,26 @@ def test_blocked_backward_matches_reference(rows, shared):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_feature_major_input_matches_reference_without_a_copy(shared):
+    """x stored as [F, M] (a transposed view, as the dense modes' pre-activations): the backward runs on that
+    layout directly and hands grad_x back in it."""
+    p, q, rows, cols = 5, 4, 40, 24
+    args = make_args(rows, cols, p, q, dtype=torch.float32, seed=7)
+    x = args[0].detach().T.contiguous().T.requires_grad_()
+    a, c = (t.detach()[:, :1].clone() if shared else t.detach().clone() for t in args[4:])
+    a, c = a.requires_grad_(), c.requires_grad_()
+    inputs = (x, *args[1:4], a, c)
+    out = rational_gate(*inputs, compiled=True)
+    ref = reference_gate(x, *args[1:4], a.expand(p + 1, cols), c.expand(q, cols))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(cols, rows).T
+    grads = torch.autograd.grad(out, inputs, g)
+    assert grads[0].stride(0) == 1
+    for got, want in zip(grads, torch.autograd.grad(ref, inputs, g), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def fast_and_reference(args, compiled):
     """(out, ref, fast path grads, reference grads) for one random output gradient."""
     out = rational_gate(*args, compiled=compiled)
