@@ -410,6 +410,10 @@ class _RationalGateFunction(torch.autograd.Function):
             # Feature-major x ([F, M] in memory): the column sums run along contiguous memory, and inductor
             # fuses them and grad_x into one loop without any blocking.
             feature_major = x.shape[0] > 1 and x.stride(0) == 1
+            if feature_major and grad.stride(0) != 1:
+                # Gradients summed from several consumers may come back row-major; one copy into x's layout
+                # costs far less than a kernel that reads one of them across the grain.
+                grad = grad.T.contiguous().T
             block = _row_block(x.shape[0], x.element_size()) if ctx.compiled and not feature_major else 1
             if block > 1:
                 n_rows, n_cols = x.shape

@@ -131,8 +131,7 @@ class RSAE(SparseAutoencoder):
             assert self.cfg.k is not None
             values, indices, pre_acts = topk_encode(x.to(self.dtype) - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
             return _Encoded(self._masked_topk(values, indices), pre_acts, None)
-        # The dense gate (pure, thresholded) runs on every pre-activation: feature-major is its fast layout.
-        return self._activate(self.pre_activations(x, feature_major=self.cfg.mode != "masked"))
+        return self._activate(self.pre_activations(x))
 
     def _activate(self, pre_acts: Tensor) -> _Encoded:
         cfg = self.cfg

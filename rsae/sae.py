@@ -91,13 +91,8 @@ class SparseAutoencoder(nn.Module, ABC):
             )
         return x.reshape(-1, self.cfg.d_in)
 
-    def pre_activations(self, x: Tensor, feature_major: bool = False) -> Tensor:
-        """`h = (x - b_dec) W_enc + b_enc`, [N, d_sae]; `feature_major` stores it as [d_sae, N] (a transposed
-        view), the layout in which the dense rational gate's backward is one pass (see `rsae.rational`)."""
-        centred = x.to(self.dtype) - self.b_dec
-        if feature_major:
-            return torch.addmm(self.b_enc[:, None], self.W_enc.T, centred.T).T
-        return centred @ self.W_enc + self.b_enc
+    def pre_activations(self, x: Tensor) -> Tensor:
+        return (x.to(self.dtype) - self.b_dec) @ self.W_enc + self.b_enc
 
     @abstractmethod
     def activate(self, pre_acts: Tensor) -> Latents:
@@ -112,11 +107,7 @@ class SparseAutoencoder(nn.Module, ABC):
 
     def decode_latents(self, latents: Latents) -> Tensor:
         if latents.indices is None:
-            values = latents.values.to(self.dtype)
-            if values.shape[0] > 1 and values.stride(0) == 1:
-                # Feature-major codes: x_hat^T = W_dec^T z^T hands their gradient back feature-major too.
-                return torch.addmm(self.b_dec[:, None], self.W_dec.T, values.T).T
-            return values @ self.W_dec + self.b_dec
+            return latents.values.to(self.dtype) @ self.W_dec + self.b_dec
         # Sparse codes: sum k decoder rows per token without materialising [N, d_sae].
         return sparse_decode(latents.values, latents.indices, self.W_dec) + self.b_dec
 

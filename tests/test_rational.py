@@ -109,10 +109,11 @@ def test_blocked_backward_matches_reference(rows, shared):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("grad_layout", ["features", "rows"])
 @pytest.mark.parametrize("shared", [True, False])
-def test_feature_major_input_matches_reference_without_a_copy(shared):
-    """x stored as [F, M] (a transposed view, as the dense modes' pre-activations): the backward runs on that
-    layout directly and hands grad_x back in it."""
+def test_feature_major_input_matches_reference_without_a_copy(shared, grad_layout):
+    """x stored as [F, M] (a transposed view, e.g. from addmm(b, W.T, x.T).T): the backward runs on that layout
+    directly (a row-major incoming gradient is copied into it) and hands grad_x back in it."""
     p, q, rows, cols = 5, 4, 40, 24
     args = make_args(rows, cols, p, q, dtype=torch.float32, seed=7)
     x = args[0].detach().T.contiguous().T.requires_grad_()
@@ -122,7 +123,7 @@ def test_feature_major_input_matches_reference_without_a_copy(shared):
     out = rational_gate(*inputs, compiled=True)
     ref = reference_gate(x, *args[1:4], a.expand(p + 1, cols), c.expand(q, cols))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn(cols, rows).T
+    g = torch.randn(cols, rows).T if grad_layout == "features" else torch.randn(rows, cols)
     grads = torch.autograd.grad(out, inputs, g)
     assert grads[0].stride(0) == 1
     for got, want in zip(grads, torch.autograd.grad(ref, inputs, g), strict=True):

@@ -102,34 +102,6 @@ def test_training_reaches_every_gate_parameter_and_lowers_the_loss(family: str, 
     assert model.training_loss(DATA).mse.item() < before
 
 
-@pytest.mark.parametrize("mode", ["pure", "thresholded"])
-@pytest.mark.parametrize("family", ["relu", "topk"])
-def test_dense_modes_run_feature_major_with_the_same_loss_and_gradients(family: str, mode: str,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dense gates get pre-activations stored [d_sae, N] (their fast backward) and decode so that the codes'
-    gradient stays in that layout; loss and gradients equal the row-major computation."""
-    model = RSAE.from_teacher(TEACHERS[family], degree=(5, 4), mode=mode, activations=DATA)
-    x = DATA[:256]
-    out = model.run(x)
-    assert out.pre_acts.stride(0) == 1 and out.latents.values.stride(0) == 1
-    codes = out.latents.values.detach().requires_grad_()
-    model.decode_latents(type(out.latents)(codes, None)).square().sum().backward()
-    assert codes.grad.stride(0) == 1
-
-    def results() -> tuple[torch.Tensor, ...]:
-        model.zero_grad()
-        loss = model.training_loss(x, sparsity_coefficient=1e-3)
-        loss.total.backward()
-        return (loss.total.detach(), *(p.grad.clone() for p in model.parameters()))
-
-    feature_major = results()
-    row_major = type(model).pre_activations
-    monkeypatch.setattr(type(model), "pre_activations", lambda self, x, feature_major=False: row_major(self, x))
-    assert model.run(x).pre_acts.stride(1) == 1
-    for got, want in zip(feature_major, results(), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-
-
 def test_masked_topk_fast_path_matches_the_dense_reference() -> None:
     model = RSAE.from_teacher(TEACHERS["topk"], degree=(5, 4))
     with torch.no_grad():
