@@ -11,7 +11,7 @@ How an epoch is read
     multiple of `batch_size`, spanning shard boundaries), and each window's rows are permuted, in runs of
     `shuffle_block` consecutive rows (default 8; 1 = single rows), with a generator seeded by (seed, epoch,
     rank, window). Batches are slices of that permutation, gathered from the memory-mapped shards
-    (sorted inside a batch) and converted to the output dtype in one pass.
+    (sorted inside a batch) in the stored dtype, then converted to the output dtype (and scaled).
   * Mid-epoch state: the DataModule counts the training batches Lightning actually consumes
     (`on_before_batch_transfer`, so prefetching does not count) and `state_dict()` returns
     {epoch, rows}; Lightning stores it in checkpoints and a resumed fit continues at exactly the
