@@ -264,10 +264,10 @@ class _Gather:
     """Rows of the shards gathered into a fresh batch of the output dtype, converted and scaled on the way.
 
     torch's `index_select` gathers the stored rows (in parallel, a row copy each) into a staging buffer of
-    the stored dtype that this producer keeps and reuses; one conversion then writes the fresh batch. The
-    gathered bytes are half those of the fp32 batch and stay in cache for the conversion, so the batch
-    costs about what a sequential reader pays for reading and converting the same rows. Without a
-    conversion (output dtype = stored dtype) the rows are gathered straight into the batch."""
+    the stored dtype that this producer keeps and reuses; one conversion then writes the fresh batch. That
+    is a random gather of the stored bytes on top of the conversion a sequential reader pays too
+    (benchmarks/results/bench_loader.md has the figures). Without a conversion (output dtype = stored
+    dtype) the rows are gathered straight into the batch."""
 
     def __init__(self, source: Any, dtype: torch.dtype, scale: float) -> None:
         self.source, self.dtype, self.scale = source, dtype, scale
