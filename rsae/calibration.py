@@ -57,8 +57,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from rsae import rational_cpu
 from rsae.data import activations_of
-from rsae.rational import rational_gate
+from rsae.rational import Backend, rational_gate
 from rsae.remez import CANONICAL_THRESHOLD, GateFit
 from rsae.sae import SparseAutoencoder
 
@@ -476,13 +477,14 @@ def _refine(rsae: RSAE, h: Tensor, target: Tensor, weight: Tensor, dead: Tensor,
         cin = log_cin.exp()
         return a0 + a_unit * delta_a, log_c.exp(), cin, log_cout.exp(), sigma * cin
 
+    # Never the compiled backend: compiling its backward costs ~1 min of CPU, more than a few hundred
+    # refine steps at the default batch.
+    backend: Backend = "cpu_kernel" if rational_cpu.applies(h, torch.float32) else "eager"
     for _ in range(steps):
         rows = torch.randint(n, (min(batch, n),), generator=gen).to(h.device)
         a, c, cin, cout, shift = parameters()
         num_cols, den_cols = a[cols].t(), c[cols].t()
-        # Eager body of the low-memory kernel: compiling its backward costs ~1 min of CPU, more than
-        # a few hundred refine steps at the default batch.
-        phi = rational_gate(h[rows], shift, cin, cout, num_cols, den_cols, compiled=False)
+        phi = rational_gate(h[rows], shift, cin, cout, num_cols, den_cols, backend=backend)
         loss = ((phi - target[rows]).pow(2) * weight).sum(-1).mean() / den
         optimiser.zero_grad()
         loss.backward()

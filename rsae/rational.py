@@ -39,23 +39,26 @@ Fast path
 ---------
 :func:`rational_gate` is a custom :class:`torch.autograd.Function` that saves only its input and the
 small parameters and recomputes everything in backward, with explicit (analytic) gradient formulas.
-Eager autograd of the same expression saves ~20x the input for backward. The forward and backward
-bodies are plain functions whose Horner loops unroll in Python over the degree; they are compiled
-with ``torch.compile`` (inductor: vectorised C++/OpenMP on CPU, triton on GPU) so that each of
-forward and backward is one fused pass over memory instead of ~40 eager kernels. Set the environment
-variable ``RSAE_COMPILE=0`` to run the very same functions eagerly (still low memory, slower); if
-compilation fails the functions fall back to eager with a one-time warning.
+Eager autograd of the same expression saves ~20x the input for backward. Three backends run it:
 
-Every sum the backward needs (the per-column gradients of shift, scale_in and scale_out, and the
-coefficient gradients) is taken per column and per block of B rows: the compiled backward sees x and
-grad as [M / B, B, F] row blocks (``B = 128`` for fp32, 256 for bf16/fp16; env var ``RSAE_ROW_BLOCK``,
-1 disables it) and returns [M / B, F] fp32 partial sums that aten sums afterwards (over columns too when
-the coefficients are shared). Inductor walks a column reduction down the rows with a stride of one row;
-within a block the loads touch B neighbouring streams that stay in cache, and with every sum of the same
-shape all of them share one loop. At (4096, 16384), degree (9, 8), that backward is ~1.2x faster than
-with whole-tensor coefficient sums beside the column sums (which inductor gave a loop of their own), and
-the p + q + 5 partials cost ~0.09x relu's peak memory. grad_x still has a loop of its own: inductor does not
-fuse a pointwise store into a reduction down the rows (see benchmarks/results/bench_gate.md).
+- ``cpu_kernel`` (CPU, fp32/bf16, row-major; the default there): hand-written C++ in
+  :mod:`rsae.rational_cpu`, one pass over memory forward and one backward, every sum accumulated while
+  grad_x is written. At (4096, 16384) it is 1.3-1.8x relu's fwd+bwd time at relu's peak memory.
+- ``compiled`` (everything else: GPU, fp16, fp64, feature-major input): the forward and backward bodies
+  below, plain functions whose Horner loops unroll in Python over the degree, compiled with
+  ``torch.compile`` (inductor: triton on GPU, vectorised C++/OpenMP on CPU) into fused kernels instead
+  of ~40 eager ones. Set ``RSAE_COMPILE=0`` to run them eagerly; if compilation fails they fall back to
+  eager with a one-time warning.
+- ``eager``: the same bodies uncompiled (still low memory; the fp64 gradcheck reference).
+
+In the compiled backward every sum (the per-column gradients of shift, scale_in and scale_out, and the
+coefficient gradients) is taken per column and per block of B rows: it sees x and grad as [M / B, B, F]
+row blocks (``B = 128`` for fp32, 256 for bf16/fp16; env var ``RSAE_ROW_BLOCK``, 1 disables it) and
+returns [M / B, F] fp32 partial sums that aten sums afterwards (over columns too when the coefficients
+are shared), so that all of them share one loop. grad_x still has a loop of its own on row-major input:
+inductor does not fuse a pointwise store into a reduction down the rows, which is what the CPU kernel
+is for (see benchmarks/results/bench_gate.md). Feature-major input ([F, M] in memory) runs unblocked in
+one loop.
 """
 
 from __future__ import annotations
@@ -64,17 +67,22 @@ import os
 import types
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from rsae import rational_cpu
+
 __all__ = [
+    "Backend",
     "rational_reference",
     "rational_gate",
     "compile_enabled",
     "compute_dtype",
 ]
+
+Backend = Literal["auto", "cpu_kernel", "compiled", "eager"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,7 +154,7 @@ def rational_reference(u: Tensor, numerator: Tensor, denominator: Tensor) -> Ten
 
 
 # --------------------------------------------------------------------------------------------------
-# Fast path: per-element math as plain functions (compiled by inductor), wrapped in a Function
+# Compiled and eager backends: per-element math as plain functions, wrapped in a Function
 # --------------------------------------------------------------------------------------------------
 
 
@@ -387,17 +395,18 @@ class _RationalGateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, shift: Tensor, scale_in: Tensor, scale_out: Tensor, numerator: Tensor,
-                denominator: Tensor, compiled: bool) -> Tensor:
+                denominator: Tensor, backend: Backend) -> Tensor:
         p, q = numerator.shape[0] - 1, denominator.shape[0]
-        ctx.degree = (p, q)
-        ctx.compiled = compiled
         ctx.save_for_backward(x, shift, scale_in, scale_out, numerator, denominator)
         with torch.autocast(device_type=x.device.type, enabled=False):
             cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
+            ctx.degree, ctx.backend = (p, q), _resolve_backend(backend, x, cd)
             a, c = _compact(numerator, cd), _compact(denominator, cd)
             _, slope_pos, _, _ = _endpoint(a, c, 1)
-            return _run("fwd", p, q, compiled, x, shift.to(cd), 1.0 / scale_in.to(cd), scale_out.to(cd), a, c,
-                        slope_pos)
+            args = (x, shift.to(cd), 1.0 / scale_in.to(cd), scale_out.to(cd), a, c, slope_pos)
+            if ctx.backend == "cpu_kernel":
+                return rational_cpu.forward(*args)
+            return _run("fwd", p, q, ctx.backend == "compiled", *args)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -407,6 +416,7 @@ class _RationalGateFunction(torch.autograd.Function):
             cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
             a, c = _compact(numerator, cd), _compact(denominator, cd)
             inv_scale_in = 1.0 / scale_in.to(cd)
+            compiled = ctx.backend == "compiled"
             # Feature-major x ([F, M] in memory): the column sums run along contiguous memory, and inductor
             # fuses them and grad_x into one loop without any blocking.
             feature_major = x.shape[0] > 1 and x.stride(0) == 1
@@ -414,18 +424,22 @@ class _RationalGateFunction(torch.autograd.Function):
                 # Gradients summed from several consumers may come back row-major; one copy into x's layout
                 # costs far less than a kernel that reads one of them across the grain.
                 grad = grad.T.contiguous().T
-            block = _row_block(x.shape[0], x.element_size()) if ctx.compiled and not feature_major else 1
-            if block > 1:
+            block = _row_block(x.shape[0], x.element_size()) if compiled and not feature_major else 1
+            if ctx.backend == "cpu_kernel":
+                grad_x, sum_gx, sum_gxu, sum_gr, sums_a, sums_c, tail_pos = rational_cpu.backward(
+                    grad, x, shift.to(cd), inv_scale_in, scale_out.to(cd), a, c,
+                    per_column_sums=numerator.shape[1] > 1)
+            elif block > 1:
                 n_rows, n_cols = x.shape
                 blocked = (n_rows // block, block, n_cols)
-                grad_x, *sums = _run("bwd_blocked", p, q, ctx.compiled, grad.contiguous().view(blocked),
+                grad_x, *sums = _run("bwd_blocked", p, q, compiled, grad.contiguous().view(blocked),
                                      x.contiguous().view(blocked), shift.to(cd), inv_scale_in, scale_out.to(cd), a, c)
                 grad_x = grad_x.view(n_rows, n_cols)
                 # [.., M / B, F] partials: aten's sum over the blocks streams through rows.
                 sum_gx, sum_gxu, sum_gr, sums_a, sums_c, tail_pos = (t.sum(-2) for t in sums)
             else:
                 grad_x, sum_gx, sum_gxu, sum_gr, sums_a, sums_c, tail_pos = _run(
-                    "bwd", p, q, ctx.compiled, grad, x, shift.to(cd), inv_scale_in, scale_out.to(cd), a, c)
+                    "bwd", p, q, compiled, grad, x, shift.to(cd), inv_scale_in, scale_out.to(cd), a, c)
             _, _, dpos_da, dpos_dc = _endpoint(a, c, 1)
             # Per-column [k, F] coefficient gradients; shared [k, 1] coefficients take their sum.
             grad_a = sums_a + tail_pos * dpos_da
@@ -444,8 +458,23 @@ class _RationalGateFunction(torch.autograd.Function):
         return (*(gr if need else None for gr, need in zip(grads, needed[:6], strict=False)), None)
 
 
+def _resolve_backend(backend: Backend, x: Tensor, cd: torch.dtype) -> Backend:
+    if backend == "auto":
+        if rational_cpu.applies(x, cd):
+            return "cpu_kernel"
+        return "compiled" if compile_enabled() else "eager"
+    if backend == "cpu_kernel" and not rational_cpu.applies(x, cd):
+        raise ValueError(
+            f"backend='cpu_kernel' needs a 2-D CPU fp32/bf16 input with unit column stride and fp32 parameters, and a "
+            f"built kernel (got {x.dtype} on {x.device}, strides {x.stride()}, compute dtype {cd}); use 'auto'."
+        )
+    if backend not in ("cpu_kernel", "compiled", "eager"):
+        raise ValueError(f"unknown backend {backend!r}; expected one of auto, cpu_kernel, compiled, eager")
+    return backend
+
+
 def rational_gate(x: Tensor, shift: Tensor, scale_in: Tensor, scale_out: Tensor, numerator: Tensor,
-                  denominator: Tensor, *, compiled: bool | None = None) -> Tensor:
+                  denominator: Tensor, *, backend: Backend = "auto") -> Tensor:
     """``C_out * r((x - shift) / C_in)`` per column, fused and low-memory (see module docstring).
 
     Args:
@@ -455,12 +484,12 @@ def rational_gate(x: Tensor, shift: Tensor, scale_in: Tensor, scale_out: Tensor,
         denominator: [q, F] EFFECTIVE coefficients ``c_1..c_q`` (>= 0; q may be 0).
             Coefficient tensors may be ``expand``-ed views of shared [p+1, 1] / [q, 1] coefficients:
             backward returns full [p+1, F] / [q, F] gradients and autograd sums them back.
-        compiled: use torch.compile'd bodies; default from env var ``RSAE_COMPILE`` (on).
+        backend: "cpu_kernel" (the C++ kernel, :mod:`rsae.rational_cpu`), "compiled" (torch.compile'd
+            bodies), "eager" (the same bodies, uncompiled), or "auto": the kernel where it applies (CPU,
+            fp32/bf16), else compiled unless env var ``RSAE_COMPILE=0``, else eager.
 
     Per-element parameters (TopK's k selected values per token) are supported by calling this on
     x of shape [1, N*k] with gathered [N*k] parameters and [p+1, N*k] coefficients.
     """
     _check_shapes(x, shift, scale_in, scale_out, numerator, denominator)
-    if compiled is None:
-        compiled = compile_enabled()
-    return _RationalGateFunction.apply(x, shift, scale_in, scale_out, numerator, denominator, compiled)
+    return _RationalGateFunction.apply(x, shift, scale_in, scale_out, numerator, denominator, backend)

@@ -1,5 +1,6 @@
 """Tests of the rational gate math (rsae.rational): pole-freeness, tails, analytic gradients, the
-compiled fast path against the eager reference, dtype policy and memory."""
+compiled and CPU-kernel backends against the eager reference, dtype policy and memory (the kernel's own
+edge cases are in test_rational_cpu.py)."""
 
 from __future__ import annotations
 
@@ -46,13 +47,13 @@ def denominator_q(t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def test_gradcheck_fast_function_eager(degree):
     p, q = degree
     args = make_args(6, 5, p, q)
-    assert torch.autograd.gradcheck(lambda *a: rational_gate(*a, compiled=False), args)
+    assert torch.autograd.gradcheck(lambda *a: rational_gate(*a, backend="eager"), args)
     # exactly-at-the-ends inputs and exact zeros (sign(0), |t|^0) are covered too
     x = torch.tensor([[-3.0, -1.0, 0.0, 0.5, 1.0, 4.0]], dtype=torch.float64, requires_grad=True)
     others = [t.detach()[..., :1].expand(*t.shape[:-1], 6).clone().requires_grad_() for t in args[1:]]
     others[0] = torch.zeros(6, dtype=torch.float64, requires_grad=True)
     others[1] = torch.ones(6, dtype=torch.float64, requires_grad=True)
-    out = rational_gate(x, *others, compiled=False)
+    out = rational_gate(x, *others, backend="eager")
     ref = reference_gate(x, *others)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
 
@@ -66,20 +67,20 @@ def test_gradcheck_shared_expanded_coefficients():
 
     def fn(x, shift, scale_in, scale_out, a, c):
         return rational_gate(x, shift, scale_in, scale_out, a[:, None].expand(p + 1, 6), c[:, None].expand(q, 6),
-                             compiled=False)
+                             backend="eager")
 
     assert torch.autograd.gradcheck(fn, (x, shift, scale_in, scale_out, a, c))
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_shared_coefficients_take_whole_tensor_sums(compiled):
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_shared_coefficients_take_whole_tensor_sums(backend):
     """[p+1, 1] / [q, 1] coefficients broadcast over columns; their gradients are whole-tensor sums."""
     p, q = 5, 4
     args = make_args(4, 6, p, q)
     a, c = (t.detach()[:, :1].clone().requires_grad_() for t in args[4:])
-    if not compiled:
-        assert torch.autograd.gradcheck(lambda *t: rational_gate(*t, compiled=False), (*args[:4], a, c))
-    out = rational_gate(*args[:4], a, c, compiled=compiled)
+    if backend == "eager":
+        assert torch.autograd.gradcheck(lambda *t: rational_gate(*t, backend="eager"), (*args[:4], a, c))
+    out = rational_gate(*args[:4], a, c, backend=backend)
     ref = reference_gate(*args[:4], a.expand(p + 1, 6), c.expand(q, 6))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(out)
@@ -99,7 +100,7 @@ def test_blocked_backward_matches_reference(rows, shared):
     args = make_args(rows, 5, p, q, dtype=torch.float32, seed=rows)
     a, c = (t.detach()[:, :1].clone() if shared else t.detach().clone() for t in args[4:])
     a, c = a.requires_grad_(), c.requires_grad_()
-    out = rational_gate(*args[:4], a, c, compiled=True)
+    out = rational_gate(*args[:4], a, c, backend="compiled")
     ref = reference_gate(*args[:4], a.expand(p + 1, 5), c.expand(q, 5))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(out)
@@ -120,7 +121,7 @@ def test_feature_major_input_matches_reference_without_a_copy(shared, grad_layou
     a, c = (t.detach()[:, :1].clone() if shared else t.detach().clone() for t in args[4:])
     a, c = a.requires_grad_(), c.requires_grad_()
     inputs = (x, *args[1:4], a, c)
-    out = rational_gate(*inputs, compiled=True)
+    out = rational_gate(*inputs, backend="compiled")
     ref = reference_gate(x, *args[1:4], a.expand(p + 1, cols), c.expand(q, cols))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn(cols, rows).T if grad_layout == "features" else torch.randn(rows, cols)
@@ -130,9 +131,9 @@ def test_feature_major_input_matches_reference_without_a_copy(shared, grad_layou
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def fast_and_reference(args, compiled):
+def fast_and_reference(args, backend):
     """(out, ref, fast path grads, reference grads) for one random output gradient."""
-    out = rational_gate(*args, compiled=compiled)
+    out = rational_gate(*args, backend=backend)
     ref = reference_gate(*args)
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, args, g)
@@ -142,7 +143,7 @@ def fast_and_reference(args, compiled):
 
 def test_eager_fast_matches_reference_fp64():
     for p, q in DEGREES:
-        out, ref, grads, grads_ref = fast_and_reference(make_args(7, 9, p, q, seed=p), compiled=False)
+        out, ref, grads, grads_ref = fast_and_reference(make_args(7, 9, p, q, seed=p), backend="eager")
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
         for got, want in zip(grads, grads_ref, strict=False):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
@@ -168,19 +169,19 @@ def test_pole_free_for_any_parameters(p, q, raw, num):
     m = t.shape[0]
     one, zero = torch.ones(m), torch.zeros(m)
     a_cols, c_cols = a.expand(p + 1, m), c.expand(q, m)
-    out = rational_gate(t[None], zero, one, one, a_cols, c_cols, compiled=False)
+    out = rational_gate(t[None], zero, one, one, a_cols, c_cols, backend="eager")
     assert torch.isfinite(out).all()
     assert torch.isfinite(rational_reference(t[None], a_cols, c_cols)).all()
     # gradients stay finite too
     tt = t[None].clone().requires_grad_()
     aa = a_cols.clone().requires_grad_()
     cc = c_cols.clone().requires_grad_()
-    rational_gate(tt, zero, one, one, aa, cc, compiled=False).sum().backward()
+    rational_gate(tt, zero, one, one, aa, cc, backend="eager").sum().backward()
     assert all(torch.isfinite(g).all() for g in (tt.grad, aa.grad, cc.grad))
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_tails(compiled):
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+def test_tails(backend):
     p, q = 5, 4
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(p + 1, 1, generator=gen, dtype=torch.float64)
@@ -188,7 +189,7 @@ def test_tails(compiled):
     t = torch.tensor([-1e6, -1e3, -10.0, 10.0, 1e3, 1e6], dtype=torch.float64)
     m = t.shape[0]
     out = rational_gate(t[None], torch.zeros(m, dtype=torch.float64), torch.ones(m, dtype=torch.float64),
-                        torch.ones(m, dtype=torch.float64), a.expand(p + 1, m), c.expand(q, m), compiled=compiled)[0]
+                        torch.ones(m, dtype=torch.float64), a.expand(p + 1, m), c.expand(q, m), backend=backend)[0]
     assert torch.isfinite(out).all()
     for s in (-1.0, 1.0):
         end = torch.tensor([s], dtype=torch.float64, requires_grad=True)
@@ -214,11 +215,11 @@ def test_gradients_reach_zero_coefficients():
     scale_out = torch.ones(m, dtype=torch.float64, requires_grad=True)
     a = torch.zeros(4, 1, dtype=torch.float64, requires_grad=True)
     raw = torch.zeros(3, 1, dtype=torch.float64, requires_grad=True)
-    for compiled in (False, True):
+    for backend in ("eager", "compiled"):
         for t in (x, shift, scale_in, scale_out, a, raw):
             t.grad = None
         out = rational_gate(x, shift, scale_in, scale_out, a.expand(4, m), F.softplus(raw).expand(3, m),
-                            compiled=compiled)
+                            backend=backend)
         (out * weight).sum().backward()
         # all-zero numerator: output 0 and grad_x = 0 (slope 0) is correct; every coefficient moves
         assert (a.grad != 0).all() and torch.isfinite(a.grad).all()
@@ -229,19 +230,20 @@ def test_gradients_reach_zero_coefficients():
     a2 = torch.tensor([[0.1], [1.0], [0.0], [0.0]], dtype=torch.float64, requires_grad=True)
     raw2 = torch.zeros(3, 1, dtype=torch.float64, requires_grad=True)
     out = rational_gate(x, shift, scale_in, scale_out, a2.expand(4, m), F.softplus(raw2).expand(3, m),
-                        compiled=False)
+                        backend="eager")
     (out * weight).sum().backward()
     for t in (x, shift, scale_in, scale_out, a2, raw2):
         assert t.grad is not None and (t.grad != 0).any(), t
     assert (a2.grad != 0).all() and (raw2.grad != 0).all()
 
 
-# ------------------------------------------------------------------ compiled fast path vs reference
+# ------------------------------------------------------------------ fast backends vs reference
+@pytest.mark.parametrize("backend", ["compiled", "cpu_kernel"])
 @pytest.mark.parametrize("degree", DEGREES)
-def test_compiled_matches_reference_fp32(degree):
+def test_fast_backends_match_reference_fp32(degree, backend):
     p, q = degree
     out, ref, grads, grads_ref = fast_and_reference(make_args(16, 24, p, q, dtype=torch.float32, seed=p + q),
-                                                    compiled=True)
+                                                    backend=backend)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     for got, want in zip(grads, grads_ref, strict=False):
         # column sums over 16 rows of O(1) terms: compare relative to the gradient's scale
@@ -255,22 +257,23 @@ def test_compiled_batch_size_change_does_not_recompile():
     p, q = 3, 3  # q != 2: the smallest blocked batches have 2 blocks, and dynamo would tie that size to q
     # One graph per layout: row blocks (even batches) and plain rows (odd ones); sizes are symbolic.
     for m in (16, 5):
-        rational_gate(*make_args(m, 24, p, q, dtype=torch.float32), compiled=True).sum().backward()
+        rational_gate(*make_args(m, 24, p, q, dtype=torch.float32), backend="compiled").sum().backward()
     before = counters["stats"]["unique_graphs"]
     for m in (48, 512, 33, 7):
         args = make_args(m, 24, p, q, dtype=torch.float32)
-        rational_gate(*args, compiled=True).sum().backward()
+        rational_gate(*args, backend="compiled").sum().backward()
     assert counters["stats"]["unique_graphs"] == before
 
 
 # ------------------------------------------------------------------ dtype policy
-@pytest.mark.parametrize("dtype,compiled", [(torch.bfloat16, True), (torch.float16, False)])
-def test_low_precision_input_computed_in_fp32(dtype, compiled):
+@pytest.mark.parametrize("dtype,backend", [(torch.bfloat16, "compiled"), (torch.bfloat16, "cpu_kernel"),
+                                           (torch.float16, "eager")])
+def test_low_precision_input_computed_in_fp32(dtype, backend):
     p, q = 3, 2
     args32 = make_args(8, 12, p, q, dtype=torch.float32)
     x_low = args32[0].detach().to(dtype).requires_grad_()
     params = [t.detach().requires_grad_() for t in args32[1:]]
-    out = rational_gate(x_low, *params, compiled=compiled)
+    out = rational_gate(x_low, *params, backend=backend)
     assert out.dtype == dtype
     x_up = x_low.detach().float().requires_grad_()
     params_up = [t.detach().requires_grad_() for t in params]
@@ -286,11 +289,12 @@ def test_low_precision_input_computed_in_fp32(dtype, compiled):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_autocast_keeps_fp32_math():
+@pytest.mark.parametrize("backend", ["eager", "cpu_kernel"])
+def test_autocast_keeps_fp32_math(backend):
     p, q = 3, 2
     args = make_args(8, 12, p, q, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = rational_gate(*args, compiled=False)
+        out = rational_gate(*args, backend=backend)
         ref_inside = reference_gate(*args)
     ref = reference_gate(*args)
     assert out.dtype == torch.float32 and ref_inside.dtype == torch.float32
@@ -312,7 +316,8 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def test_fast_path_saves_only_the_input():
+@pytest.mark.parametrize("backend", ["eager", "cpu_kernel"])
+def test_fast_path_saves_only_the_input(backend):
     p, q = 5, 4
     m, f = 64, 32
     x = torch.randn(m, f, requires_grad=True)
@@ -320,7 +325,7 @@ def test_fast_path_saves_only_the_input():
     a = torch.randn(p + 1, 1, requires_grad=True)
     c = torch.rand(q, 1, requires_grad=True)
     x_bytes = x.numel() * 4
-    fast = saved_bytes(lambda: rational_gate(x, *small, a.expand(p + 1, f), c.expand(q, f), compiled=False))
+    fast = saved_bytes(lambda: rational_gate(x, *small, a.expand(p + 1, f), c.expand(q, f), backend=backend))
     ref = saved_bytes(lambda: reference_gate(x, *small, a.expand(p + 1, f), c.expand(q, f)))
     params = sum(t.numel() * 4 for t in (*small, a, c))
     assert fast <= x_bytes + params
@@ -345,11 +350,11 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setitem(rational._COMPILED, ("bwd", 2, 1, ("broken",)), broken)
     args = make_args(4, 3, 2, 1, dtype=torch.float32)
     with pytest.warns(RuntimeWarning, match="falling back to eager"):
-        out = rational_gate(*args, compiled=True)
+        out = rational_gate(*args, backend="compiled")
     torch.testing.assert_close(out, reference_gate(*args), rtol=1e-6, atol=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = rational_gate(*args, compiled=True)
+        out = rational_gate(*args, backend="compiled")
         out.sum().backward()
 
 
