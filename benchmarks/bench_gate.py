@@ -1,7 +1,9 @@
 """Forward+backward time and peak memory of the rational gate vs torch.relu.
 
-Cases, per dtype (fp32, bf16) and degree: ``relu`` (torch.relu), ``gate`` (RationalGate, fused
-compiled Function, shared coefficients) and ``reference`` (the eager reference path, for context).
+Cases, per dtype (fp32, bf16) and degree: ``relu`` (torch.relu), ``gate`` (RationalGate as it runs by
+default, shared coefficients: on CPU the C++ kernel of rsae.rational_cpu), ``compiled`` (the same Function
+on its torch.compile'd bodies, the backend GPUs and other dtypes use; RSAE_CPU_KERNEL=0) and ``reference``
+(the eager reference path, for context). The goal applies to ``gate``.
 One step = ``out = f(x); out.backward(g)`` on an [rows, cols] input.
 
 How it measures (and why):
@@ -51,9 +53,12 @@ def _maxrss_bytes() -> int:
 def run_case(case: str, dtype_name: str, degree: tuple[int, int], rows: int, cols: int, reps: int,
              layout: str = "rows") -> dict:
     """Executed inside the subprocess."""
+    if case == "compiled":
+        os.environ["RSAE_CPU_KERNEL"] = "0"
     import torch
 
     from rsae.gate import RationalGate
+    from rsae.rational import _resolve_backend
 
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
@@ -66,7 +71,7 @@ def run_case(case: str, dtype_name: str, degree: tuple[int, int], rows: int, col
             with torch.no_grad():
                 gate.numerator.normal_(0, 0.5)
                 gate.denominator_raw.normal_(0, 1)
-            gate.fast = case == "gate"
+            gate.fast = case != "reference"
             return gate
 
     # Warm up at two small sizes: compiles the dynamic-shape graphs (a second size triggers any
@@ -96,7 +101,11 @@ def run_case(case: str, dtype_name: str, degree: tuple[int, int], rows: int, col
         t0 = time.perf_counter()
         f(_view(x, layout)).backward(g)
         times.append(time.perf_counter() - t0)
-    return {"case": case, "dtype": dtype_name, "degree": list(degree), "time_s": statistics.median(times),
+    backend = "eager autograd" if case == "reference" else _resolve_backend("auto", x, torch.float32)
+    if case == "relu":
+        backend = "aten"
+    return {"case": case, "backend": backend, "dtype": dtype_name, "degree": list(degree),
+            "time_s": statistics.median(times),
             "times_s": times, "first_step_s": first, "peak_extra_bytes": peak, "input_bytes": x.numel() * x.element_size()}
 
 
@@ -154,9 +163,9 @@ def main() -> None:
             relu_small = spawn("relu", dtype, (1, 0), ref_rows, args.cols, args.reps)
             results.append(relu_small)
         for degree in degrees:
-            cases = ["gate"] + ([] if args.no_reference else ["reference"])
+            cases = ["gate", "compiled"] + ([] if args.no_reference else ["reference"])
             for case in cases:
-                if case == "gate":
+                if case != "reference":
                     r = spawn(case, dtype, degree, args.rows, args.cols, args.reps, args.layout)
                     relu, n_rows = relu_full, args.rows
                 else:
@@ -166,13 +175,14 @@ def main() -> None:
                 t_ratio = r["time_s"] / relu["time_s"]
                 m_ratio = r["peak_extra_bytes"] / max(relu["peak_extra_bytes"], 1)
                 rows_out.append({
-                    "dtype": dtype, "degree": f"({degree[0]},{degree[1]})", "path": case, "rows": n_rows,
+                    "dtype": dtype, "degree": f"({degree[0]},{degree[1]})", "path": case, "backend": r["backend"],
+                    "rows": n_rows,
                     "time_s": r["time_s"], "relu_time_s": relu["time_s"], "time_ratio": t_ratio,
                     "peak_mib": r["peak_extra_bytes"] / 2**20, "relu_peak_mib": relu["peak_extra_bytes"] / 2**20,
                     "memory_ratio": m_ratio,
                     "meets_goal": (t_ratio <= TIME_GOAL and m_ratio <= MEMORY_GOAL) if case == "gate" else None,
                 })
-                print(f"{dtype:9s} {rows_out[-1]['degree']:7s} {case:9s} rows {n_rows:5d} time {r['time_s']:.3f}s "
+                print(f"{dtype:9s} {rows_out[-1]['degree']:7s} {case:9s} {r['backend']:14s} rows {n_rows:5d} time {r['time_s']:.3f}s "
                       f"(relu {relu['time_s']:.3f}s) x{t_ratio:.2f}   peak +{rows_out[-1]['peak_mib']:.0f} MiB "
                       f"(relu +{rows_out[-1]['relu_peak_mib']:.0f} MiB) x{m_ratio:.2f}", flush=True)
 
@@ -191,12 +201,13 @@ def main() -> None:
             f"process (see script docstring). Goal for the fast gate: time <= {TIME_GOAL}x relu, "
             f"memory <= {MEMORY_GOAL}x relu.",
             "",
-            "| dtype | degree | path | rows | time (s) | relu (s) | time ratio | peak (MiB) | relu peak (MiB) | memory ratio | goal met |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| dtype | degree | path | backend | rows | time (s) | relu (s) | time ratio | peak (MiB) | relu peak (MiB) "
+            "| memory ratio | goal met |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows_out:
             met = "" if r["meets_goal"] is None else ("yes" if r["meets_goal"] else "no")
-            lines.append(f"| {r['dtype']} | {r['degree']} | {r['path']} | {r['rows']} | {r['time_s']:.3f} | {r['relu_time_s']:.3f} | "
+            lines.append(f"| {r['dtype']} | {r['degree']} | {r['path']} | {r['backend']} | {r['rows']} | {r['time_s']:.3f} | {r['relu_time_s']:.3f} | "
                          f"{r['time_ratio']:.2f} | {r['peak_mib']:.0f} | {r['relu_peak_mib']:.0f} | "
                          f"{r['memory_ratio']:.2f} | {met} |")
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

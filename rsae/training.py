@@ -344,6 +344,10 @@ class TeacherTraining(SAEModule):
         return f"{self.family}-teacher"
 
 
+ROUNDING_NOISE = 1e-10
+"""Relative gate loss below which `GateCalibration` treats the gate as already exact (no step is taken)."""
+
+
 class GateCalibration(SAEModule):
     """Stage 1: fit the gate of an RSAE to its frozen teacher's gate on real pre-activations.
 
@@ -402,7 +406,12 @@ class GateCalibration(SAEModule):
             weight = self.sae.W_dec.float().pow(2).sum(-1)
         codes = self.sae.activate(h)
         gate_l2 = ((codes.dense(self.sae.cfg.d_sae).float() - target).pow(2) * weight).sum(-1).mean()
-        return gate_l2, {"loss": gate_l2, "l0": codes.l0()}
+        relative = gate_l2.detach() / (target.pow(2) * weight).sum(-1).mean().clamp_min(1e-30)
+        # Masked mode starts as the teacher's exact gate: its loss is fp32 rounding noise (~1e-14 of the target's
+        # energy), and Adam would normalise the noise's gradients into lr-sized steps away from the optimum. A zero
+        # loss there gives exactly zero gradients, so Adam does not move (and every DDP rank still steps).
+        trained = gate_l2 * (relative > ROUNDING_NOISE)
+        return trained, {"loss": gate_l2, "relative_loss": relative, "l0": codes.l0()}
 
     def run_name(self) -> str:
         return f"rsae-{self.sae.cfg.mode}-calibrated"

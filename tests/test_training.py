@@ -117,7 +117,8 @@ def test_calibration_stage_adds_remez_init_and_reproduces_the_teacher(cache: str
     assert gate and all(not p.requires_grad for n, p in module.sae.named_parameters() if not n.startswith("gate."))
     init = held_out_metrics(Evaluation(checkpoint=str(tmp_path / "init"), evaluation=NO_CE, **linked(dm)), dm, tmp_path)
     base = held_out_metrics(Evaluation(checkpoint=str(teacher), evaluation=NO_CE, **linked(dm)), dm, tmp_path)
-    assert init["mse"] == pytest.approx(base["mse"], rel=1e-4) and init["l0"] == base["l0"]
+    # masked: the gate starts exact, and calibration must not move it (rounding noise is not a signal)
+    assert init["mse"] == pytest.approx(base["mse"], rel=1e-6) and init["l0"] == base["l0"]
 
 
 def test_pure_calibration_lowers_the_gate_loss(cache: str, teacher: Path, tmp_path: Path) -> None:
