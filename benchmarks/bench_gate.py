@@ -101,7 +101,7 @@ def run_case(case: str, dtype_name: str, degree: tuple[int, int], rows: int, col
         t0 = time.perf_counter()
         f(_view(x, layout)).backward(g)
         times.append(time.perf_counter() - t0)
-    backend = "eager autograd" if case == "reference" else _resolve_backend("auto", x, torch.float32)
+    backend = "eager autograd" if case == "reference" else _resolve_backend("auto", x, torch.float32, degree)
     if case == "relu":
         backend = "aten"
     return {"case": case, "backend": backend, "dtype": dtype_name, "degree": list(degree),

@@ -479,7 +479,7 @@ def _refine(rsae: RSAE, h: Tensor, target: Tensor, weight: Tensor, dead: Tensor,
 
     # Never the compiled backend: compiling its backward costs ~1 min of CPU, more than a few hundred
     # refine steps at the default batch.
-    backend: Backend = "cpu_kernel" if rational_cpu.applies(h, torch.float32) else "eager"
+    backend: Backend = "cpu_kernel" if rational_cpu.applies(h, torch.float32, gate.degree) else "eager"
     for _ in range(steps):
         rows = torch.randint(n, (min(batch, n),), generator=gen).to(h.device)
         a, c, cin, cout, shift = parameters()

@@ -400,7 +400,7 @@ class _RationalGateFunction(torch.autograd.Function):
         ctx.save_for_backward(x, shift, scale_in, scale_out, numerator, denominator)
         with torch.autocast(device_type=x.device.type, enabled=False):
             cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
-            ctx.degree, ctx.backend = (p, q), _resolve_backend(backend, x, cd)
+            ctx.degree, ctx.backend = (p, q), _resolve_backend(backend, x, cd, (p, q))
             a, c = _compact(numerator, cd), _compact(denominator, cd)
             _, slope_pos, _, _ = _endpoint(a, c, 1)
             args = (x, shift.to(cd), 1.0 / scale_in.to(cd), scale_out.to(cd), a, c, slope_pos)
@@ -458,15 +458,16 @@ class _RationalGateFunction(torch.autograd.Function):
         return (*(gr if need else None for gr, need in zip(grads, needed[:6], strict=False)), None)
 
 
-def _resolve_backend(backend: Backend, x: Tensor, cd: torch.dtype) -> Backend:
+def _resolve_backend(backend: Backend, x: Tensor, cd: torch.dtype, degree: tuple[int, int]) -> Backend:
     if backend == "auto":
-        if rational_cpu.applies(x, cd):
+        if rational_cpu.applies(x, cd, degree):
             return "cpu_kernel"
         return "compiled" if compile_enabled() else "eager"
-    if backend == "cpu_kernel" and not rational_cpu.applies(x, cd):
+    if backend == "cpu_kernel" and not rational_cpu.applies(x, cd, degree):
         raise ValueError(
-            f"backend='cpu_kernel' needs a 2-D CPU fp32/bf16 input with unit column stride and fp32 parameters, and a "
-            f"built kernel (got {x.dtype} on {x.device}, strides {x.stride()}, compute dtype {cd}); use 'auto'."
+            f"backend='cpu_kernel' needs a 2-D CPU fp32/bf16 input with unit column stride, fp32 parameters, "
+            f"p + q + 2 <= {rational_cpu.MAX_COEFFICIENTS} and a built kernel (got {x.dtype} on {x.device}, strides "
+            f"{x.stride()}, compute dtype {cd}, degree {degree}); use 'auto'."
         )
     if backend not in ("cpu_kernel", "compiled", "eager"):
         raise ValueError(f"unknown backend {backend!r}; expected one of auto, cpu_kernel, compiled, eager")

@@ -23,7 +23,7 @@ namespace {
 
 constexpr int kLanes = 16;
 constexpr int kBlock = 4;      // vectors per column block
-constexpr int kMaxCoefs = 32;  // p + q + 2 <= 27 for the supported degrees (12, 12)
+constexpr int kMaxCoefs = 32;  // p + q + 2 coefficient sums at most; MAX_COEFFICIENTS in rational_cpu.py
 typedef float vf __attribute__((vector_size(kLanes * 4)));
 typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
 typedef uint16_t vh __attribute__((vector_size(kLanes * 2)));
@@ -318,11 +318,14 @@ void backward(const Gate<T>& g, const T* grad, int64_t grad_ld, T* grad_x, int64
 
 extern "C" {
 
-// dtype: 0 = fp32, 1 = bf16, for x and out alike.
-void rsae_rational_forward(const void* x, int dtype, int64_t x_ld, void* out, int64_t out_ld, int64_t rows,
+inline bool supported_degree(int p, int q) { return p >= 1 && q >= 0 && p + q + 2 <= kMaxCoefs; }
+
+// dtype: 0 = fp32, 1 = bf16, for x and out alike. Returns 0, or 1 for an unsupported degree.
+int rsae_rational_forward(const void* x, int dtype, int64_t x_ld, void* out, int64_t out_ld, int64_t rows,
                            int64_t cols, const float* shift, const float* inv_scale_in, const float* scale_out,
                            const float* numerator, const float* denominator, int p, int q, int64_t coef_ld,
                            int64_t coef_cs, const float* slope_pos, int n_threads) {
+  if (!supported_degree(p, q)) return 1;
   if (dtype == 0) {
     Gate<float> g{static_cast<const float*>(x), x_ld, rows, cols, shift, inv_scale_in, scale_out,
                   numerator, denominator, p, q, coef_ld, coef_cs};
@@ -332,18 +335,20 @@ void rsae_rational_forward(const void* x, int dtype, int64_t x_ld, void* out, in
                  numerator, denominator, p, q, coef_ld, coef_cs};
     forward(g, static_cast<bf16*>(out), out_ld, slope_pos, n_threads);
   }
+  return 0;
 }
 
 // grad_x, and the sums the parameter gradients need (see rational_backward in rsae/rational.py).
 // col_sums: [n_threads, n_col_sums, cols] fp32, n_col_sums = 3 (+ p + q + 2 if per_column_sums),
 // rows: sum grad_x, sum grad_x * u, sum grad * r, then [sums_a (p+1), sums_c (q), tail_pos].
 // coef_sums: [n_threads, p + q + 2] fp32, the same coefficient sums over every element when
-// per_column_sums is 0. dtype as in the forward, for grad, x and grad_x alike.
-void rsae_rational_backward(const void* grad, int dtype, int64_t grad_ld, const void* x, int64_t x_ld, void* grad_x,
+// per_column_sums is 0. dtype as in the forward, for grad, x and grad_x alike. Returns as the forward.
+int rsae_rational_backward(const void* grad, int dtype, int64_t grad_ld, const void* x, int64_t x_ld, void* grad_x,
                             int64_t grad_x_ld, int64_t rows, int64_t cols, const float* shift,
                             const float* inv_scale_in, const float* scale_out, const float* numerator,
                             const float* denominator, int p, int q, int64_t coef_ld, int64_t coef_cs,
                             int per_column_sums, float* col_sums, float* coef_sums, int n_threads) {
+  if (!supported_degree(p, q)) return 1;
   if (dtype == 0) {
     Gate<float> g{static_cast<const float*>(x), x_ld, rows, cols, shift, inv_scale_in, scale_out,
                   numerator, denominator, p, q, coef_ld, coef_cs};
@@ -355,6 +360,7 @@ void rsae_rational_backward(const void* grad, int dtype, int64_t grad_ld, const 
     backward(g, static_cast<const bf16*>(grad), grad_ld, static_cast<bf16*>(grad_x), grad_x_ld,
              per_column_sums != 0, col_sums, coef_sums, n_threads);
   }
+  return 0;
 }
 
 }  // extern "C"

@@ -28,11 +28,13 @@ from torch import Tensor
 
 from rsae.lm import cache_dir
 
-__all__ = ["applies", "library", "forward", "backward"]
+__all__ = ["MAX_COEFFICIENTS", "applies", "library", "forward", "backward"]
 
 SOURCE = Path(__file__).with_name("rational_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_COEFFICIENTS = 32
+"""The kernel keeps p + q + 2 coefficient sums per lane: degrees with p + q <= 30 (the paper's go to (12, 12))."""
 
 
 def enabled() -> bool:
@@ -94,19 +96,32 @@ def library() -> ctypes.CDLL | None:
                                           i64, ptr, i32]
     lib.rsae_rational_backward.argtypes = [ptr, i32, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32,
                                            i32, i64, i64, i32, ptr, ptr, i32]
-    lib.rsae_rational_forward.restype = lib.rsae_rational_backward.restype = None
+    lib.rsae_rational_forward.restype = lib.rsae_rational_backward.restype = ctypes.c_int
     return lib
 
 
-def applies(x: Tensor, compute_dtype: torch.dtype) -> bool:
-    """Whether the kernel handles this input: CPU, fp32 or bf16, fp32 math, unit column stride, built."""
+def applies(x: Tensor, compute_dtype: torch.dtype, degree: tuple[int, int]) -> bool:
+    """Whether the kernel handles this input: CPU, fp32 or bf16, fp32 math, unit column stride, a degree with
+    p + q + 2 <= MAX_COEFFICIENTS, and the library built."""
     return (x.device.type == "cpu" and x.dtype in _DTYPE_CODES and compute_dtype == torch.float32 and x.dim() == 2
-            and (x.stride(1) == 1 or x.shape[1] == 1) and enabled() and library() is not None)
+            and (x.stride(1) == 1 or x.shape[1] == 1) and sum(degree) + 2 <= MAX_COEFFICIENTS and enabled()
+            and library() is not None)
 
 
 def _coefficient_layout(numerator: Tensor) -> tuple[int, int]:
     """(row stride, column stride) of the [k, 1] shared or [k, F] per-column coefficient tensors."""
     return (1, 0) if numerator.shape[1] == 1 else (numerator.shape[1], 1)
+
+
+def _fp32(t: Tensor) -> Tensor:
+    """The kernel reads parameters as contiguous fp32 arrays (no-op when they already are)."""
+    return t.to(torch.float32).contiguous()
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise ValueError(
+            f"rational CPU kernel: unsupported degree (needs p >= 1, q >= 0, p + q + 2 <= {MAX_COEFFICIENTS})")
 
 
 def _row_major(t: Tensor) -> Tensor:
@@ -118,15 +133,15 @@ def forward(x: Tensor, shift: Tensor, inv_scale_in: Tensor, scale_out: Tensor, n
     """The gate's forward (the arguments of ``rational_forward`` in :mod:`rsae.rational`, fp32 parameters)."""
     lib = library()
     assert lib is not None, "call applies() first"
-    params = [t.contiguous() for t in (shift, inv_scale_in, scale_out, numerator, denominator, slope_pos)]
+    params = [_fp32(t) for t in (shift, inv_scale_in, scale_out, numerator, denominator, slope_pos)]
     shift, inv_scale_in, scale_out, numerator, denominator, slope_pos = params
     out = torch.empty(x.shape, dtype=x.dtype)
     rows, cols = x.shape
-    lib.rsae_rational_forward(
+    _check(lib.rsae_rational_forward(
         x.data_ptr(), _DTYPE_CODES[x.dtype], x.stride(0), out.data_ptr(), out.stride(0),
         rows, cols, shift.data_ptr(), inv_scale_in.data_ptr(), scale_out.data_ptr(), numerator.data_ptr(),
         denominator.data_ptr(), numerator.shape[0] - 1, denominator.shape[0], *_coefficient_layout(numerator),
-        slope_pos.data_ptr(), torch.get_num_threads())
+        slope_pos.data_ptr(), torch.get_num_threads()))
     return out
 
 
@@ -137,7 +152,7 @@ def backward(grad: Tensor, x: Tensor, shift: Tensor, inv_scale_in: Tensor, scale
     per-column coefficients), else totals ([p+1, 1], [q, 1], [1])."""
     lib = library()
     assert lib is not None, "call applies() first"
-    params = [t.contiguous() for t in (shift, inv_scale_in, scale_out, numerator, denominator)]
+    params = [_fp32(t) for t in (shift, inv_scale_in, scale_out, numerator, denominator)]
     shift, inv_scale_in, scale_out, numerator, denominator = params
     grad = _row_major(grad.to(x.dtype))
     rows, cols = x.shape
@@ -148,11 +163,11 @@ def backward(grad: Tensor, x: Tensor, shift: Tensor, inv_scale_in: Tensor, scale
     col_sums = torch.zeros(n_threads, p + q + 5 if per_column_sums else 3, cols)
     coef_sums = torch.zeros(n_threads, p + q + 2)
     grad_x = torch.empty(x.shape, dtype=x.dtype)
-    lib.rsae_rational_backward(
+    _check(lib.rsae_rational_backward(
         grad.data_ptr(), _DTYPE_CODES[x.dtype], grad.stride(0), x.data_ptr(), x.stride(0), grad_x.data_ptr(),
         grad_x.stride(0), rows, cols, shift.data_ptr(),
         inv_scale_in.data_ptr(), scale_out.data_ptr(), numerator.data_ptr(), denominator.data_ptr(), p, q,
-        *_coefficient_layout(numerator), int(per_column_sums), col_sums.data_ptr(), coef_sums.data_ptr(), n_threads)
+        *_coefficient_layout(numerator), int(per_column_sums), col_sums.data_ptr(), coef_sums.data_ptr(), n_threads))
     sum_gx, sum_gxu, sum_gr, *per_column = col_sums.sum(0)
     coefs = torch.stack(per_column) if per_column_sums else coef_sums.sum(0)[:, None]
     return grad_x, sum_gx, sum_gxu, sum_gr, coefs[: p + 1], coefs[p + 1 : p + q + 1], coefs[p + q + 1]

@@ -88,23 +88,36 @@ def test_bf16_rounds_like_torch_and_keeps_nan():
 
 def test_auto_picks_the_kernel_only_where_it_applies(monkeypatch):
     x = torch.zeros(4, 8)
-    assert rational._resolve_backend("auto", x, torch.float32) == "cpu_kernel"
-    assert rational._resolve_backend("auto", x.to(torch.bfloat16), torch.float32) == "cpu_kernel"
-    assert rational._resolve_backend("auto", x.double(), torch.float64) == "compiled"
-    assert rational._resolve_backend("auto", x.half(), torch.float32) == "compiled"
-    assert rational._resolve_backend("auto", x.T.contiguous().T, torch.float32) == "compiled"  # feature-major
+    assert rational._resolve_backend("auto", x, torch.float32, (3, 2)) == "cpu_kernel"
+    assert rational._resolve_backend("auto", x.to(torch.bfloat16), torch.float32, (3, 2)) == "cpu_kernel"
+    assert rational._resolve_backend("auto", x.double(), torch.float64, (3, 2)) == "compiled"
+    assert rational._resolve_backend("auto", x.half(), torch.float32, (3, 2)) == "compiled"
+    assert rational._resolve_backend("auto", x.T.contiguous().T, torch.float32, (3, 2)) == "compiled"  # feature-major
+    assert rational._resolve_backend("auto", x, torch.float32, (16, 15)) == "compiled"  # more sums than it keeps
     monkeypatch.setenv("RSAE_COMPILE", "0")
-    assert rational._resolve_backend("auto", x.double(), torch.float64) == "eager"
+    assert rational._resolve_backend("auto", x.double(), torch.float64, (3, 2)) == "eager"
     monkeypatch.setenv("RSAE_CPU_KERNEL", "0")
-    assert rational._resolve_backend("auto", x, torch.float32) == "eager"
+    assert rational._resolve_backend("auto", x, torch.float32, (3, 2)) == "eager"
+
+
+def test_kernel_refuses_an_unsupported_degree_instead_of_overrunning(monkeypatch):
+    args = gate_args(2, 16, 16, 15, "shared")
+    params = [t.detach() for t in args[1:]]
+    with pytest.raises(ValueError, match="unsupported degree"):
+        rational_cpu.forward(args[0].detach(), *params, torch.zeros(1))
+    with pytest.raises(ValueError, match="unsupported degree"):
+        rational_cpu.backward(torch.ones(2, 16), args[0].detach(), *params, per_column_sums=False)
+    monkeypatch.setenv("RSAE_COMPILE", "0")  # auto then takes the eager bodies (no compile in the test)
+    out = rational_gate(*args)
+    assert torch.isfinite(out).all()
 
 
 def test_backend_errors_name_the_problem():
     x = torch.zeros(4, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="cpu_kernel.*float64"):
-        rational._resolve_backend("cpu_kernel", x, torch.float64)
+        rational._resolve_backend("cpu_kernel", x, torch.float64, (3, 2))
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
-        rational._resolve_backend("fast", x, torch.float64)
+        rational._resolve_backend("fast", x, torch.float64, (3, 2))
 
 
 @pytest.fixture
@@ -137,6 +150,6 @@ def test_failed_build_warns_once_and_the_gate_falls_back(fresh_build, monkeypatc
     assert list(fresh_build.iterdir()) == []  # nothing half-written
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert rational._resolve_backend("auto", args[0], torch.float32) in ("compiled", "eager")
+        assert rational._resolve_backend("auto", args[0], torch.float32, (3, 2)) in ("compiled", "eager")
         out = rational_gate(*args, backend="eager")
     assert torch.isfinite(out).all()
