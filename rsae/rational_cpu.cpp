@@ -5,7 +5,8 @@
 // and grad, because it will not fuse the grad_x store into a reduction down the rows of a row-major
 // tensor. Here each thread streams its rows once, writes grad_x and adds every per-column sum into
 // its own [n, F] fp32 slice (3 x F floats with shared coefficients: stays in L2), and keeps the
-// shared coefficient sums in per-lane accumulators. The caller adds the threads' slices.
+// shared coefficient sums in per-lane accumulators for the row, added into doubles at its end. The
+// caller adds the threads' slices.
 //
 // Plain C ABI (called through ctypes), GCC/Clang vector extensions (16 fp32 lanes: one AVX-512
 // register, split by the compiler elsewhere), no torch headers, so it builds in about a second.
@@ -113,7 +114,7 @@ inline Range thread_range(int t, int nt, int64_t rows, int64_t cols) {
 }
 
 // Calls body.template run<NV>(row, col, n) over the range: full blocks of kBlock vectors, then single
-// vectors, the last one partial (n < kLanes lanes).
+// vectors, the last one partial (n < kLanes lanes); body.end_row() after each row.
 template <typename Body>
 void walk(const Range& r, Body& body) {
   constexpr int64_t width = kBlock * kLanes;
@@ -122,6 +123,7 @@ void walk(const Range& r, Body& body) {
     for (; col + width <= r.col1; col += width) body.template run<kBlock>(row, col, kLanes);
     for (; col < r.col1; col += kLanes)
       body.template run<1>(row, col, r.col1 - col < kLanes ? int(r.col1 - col) : kLanes);
+    body.end_row();
   }
 }
 
@@ -168,6 +170,8 @@ struct Forward {
       store(out + row * out_ld + j, load(g.scale_out + j, n) * r, n);
     }
   }
+
+  void end_row() {}
 };
 
 template <typename T>
@@ -181,7 +185,8 @@ struct Backward {
   float* my_cols;  // this thread's [n_col_sums, cols] slice
   Coefs<kBlock> wide;
   Coefs<1> narrow;
-  vf total[kMaxCoefs][kBlock] = {};  // shared coefficient sums, per lane
+  vf row_total[kMaxCoefs] = {};  // shared coefficient sums: this row's, per lane
+  double total[kMaxCoefs] = {};  // and all rows'
 
   template <int NV>
   Coefs<NV>& coefs() {
@@ -247,38 +252,50 @@ struct Backward {
 
     // Coefficient sums: dR/da_i = tc^i / Q, dR/dc_j = -R y^j / Q, with tc^i = sgn y^i for odd i;
     // the last one feeds the upper tail's dependence on the coefficients.
-    vf part[kMaxCoefs][NV];
-    vf(*acc)[NV] = part;
-    if constexpr (NV == kBlock) {
-      if (!per_column_sums) acc = total;
-    }
-    const bool add_lanes = NV != kBlock && !per_column_sums;  // a single vector: fold into lane 0's totals
-    if (acc == part || add_lanes)
-      for (int i = 0; i < p + q + 2; ++i)
-        for (int v = 0; v < NV; ++v) part[i][v] = vf{};
-    vf w_q_sgn[NV], w_qr[NV], power[NV];
+    vf term[NV], w_q_sgn[NV], w_qr[NV], power[NV];
+    add_coef_sum<NV>(0, w_q, col, n);
+    for (int v = 0; v < NV; ++v) term[v] = w_q[v] * tc[v];
+    add_coef_sum<NV>(1, term, col, n);
+    for (int v = 0; v < NV; ++v) term[v] = w[v] * positive_part(u[v] - tc[v]);
+    add_coef_sum<NV>(p + q + 1, term, col, n);
     for (int v = 0; v < NV; ++v) {
-      acc[0][v] += w_q[v];
-      acc[1][v] += w_q[v] * tc[v];
       w_q_sgn[v] = w_q[v] * sgn[v];
       w_qr[v] = -w_q[v] * value[v];
       power[v] = y[v];
-      acc[p + q + 1][v] += w[v] * positive_part(u[v] - tc[v]);
     }
     for (int i = 1, top = p > q ? p : q; i <= top; ++i) {
-      for (int v = 0; v < NV; ++v) {
-        if (i > 1) {
-          power[v] = power[v] * y[v];
-          if (i <= p) acc[i][v] += (i % 2 ? w_q_sgn[v] : w_q[v]) * power[v];
+      if (i > 1) {
+        for (int v = 0; v < NV; ++v) power[v] = power[v] * y[v];
+        if (i <= p) {
+          for (int v = 0; v < NV; ++v) term[v] = (i % 2 ? w_q_sgn[v] : w_q[v]) * power[v];
+          add_coef_sum<NV>(i, term, col, n);
         }
-        if (i <= q) acc[p + i][v] += w_qr[v] * power[v];
+      }
+      if (i <= q) {
+        for (int v = 0; v < NV; ++v) term[v] = w_qr[v] * power[v];
+        add_coef_sum<NV>(p + i, term, col, n);
       }
     }
+  }
+
+  // Shared sums go through one vector per coefficient per row, then into a double per coefficient:
+  // one load and store per coefficient per block, and no fp32 sum runs over more than a row.
+  template <int NV>
+  void add_coef_sum(int k, const vf (&term)[NV], int64_t col, int n) {
     if (per_column_sums) {
-      for (int i = 0; i < p + q + 2; ++i)
-        for (int v = 0; v < NV; ++v) add_to_column(3 + i, col + v * kLanes, part[i][v], n);
-    } else if (add_lanes) {
-      for (int i = 0; i < p + q + 2; ++i) total[i][0] += part[i][0];
+      for (int v = 0; v < NV; ++v) add_to_column(3 + k, col + v * kLanes, term[v], n);
+      return;
+    }
+    vf s = term[0];
+    for (int v = 1; v < NV; ++v) s += term[v];
+    row_total[k] += s;
+  }
+
+  void end_row() {
+    if (per_column_sums) return;
+    for (int k = 0; k < g.p + g.q + 2; ++k) {
+      for (int lane = 0; lane < kLanes; ++lane) total[k] += row_total[k][lane];
+      row_total[k] = vf{};
     }
   }
 };
@@ -305,12 +322,7 @@ void backward(const Gate<T>& g, const T* grad, int64_t grad_ld, T* grad_x, int64
     Backward<T> body{g, grad, grad_ld, grad_x, grad_x_ld, per_column_sums, my_cols, Coefs<kBlock>(g), Coefs<1>(g)};
     walk(thread_range(t, omp_get_num_threads(), g.rows, g.cols), body);
     if (!per_column_sums)
-      for (int k = 0; k < n_coef; ++k) {
-        float s = 0.0f;
-        for (int v = 0; v < kBlock; ++v)
-          for (int lane = 0; lane < kLanes; ++lane) s += body.total[k][v][lane];
-        coef_sums[t * n_coef + k] = s;
-      }
+      for (int k = 0; k < n_coef; ++k) coef_sums[t * n_coef + k] = float(body.total[k]);
   }
 }
 
