@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from timing import add_shape_arguments, interleave
+from timing import add_shape_arguments, cpu_model, interleave
 
 from rsae.config import FAMILIES, GATE_MODES, SAEConfig
 from rsae.models import build_model
@@ -83,7 +83,7 @@ def main() -> None:
             print(f"{family:<9} {mode:<12} teacher {row['teacher_step_s']:.3f}s  rsae {row['rsae_step_s']:.3f}s  "
                   f"ratio {row['ratio']:.2f}x  (teacher L0 {row['teacher_l0']:.0f})", flush=True)
     report = {"shape": {"d_in": args.d_in, "d_sae": args.d_sae, "k": args.k, "batch": args.batch},
-              "bf16": args.bf16, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "bf16": args.bf16, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": cpu_model(),
               "load_average_at_start": os.getloadavg(), "rows": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -94,10 +94,12 @@ def main() -> None:
             "",
             f"d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, batch {args.batch}, "
             f"{'bf16 autocast' if args.bf16 else 'fp32'}; forward + backward + fused Adam, median of {args.steps} "
-            f"interleaved steps; {torch.get_num_threads()} threads on a shared 2-core machine. Random teachers with "
+            f"interleaved steps; {torch.get_num_threads()} threads on a shared 2-core {report['machine']}. Random "
+            f"teachers with "
             f"the encoder bias shifted so that {args.density:.1%} of latents fire, as in a trained SAE.",
             "",
-            "| family | mode | degree | teacher L0 | teacher step (s) | RSAE step (s) | RSAE / teacher (goal <= 1.10x) |",
+            "| family | mode | degree | teacher L0 | teacher step (s) | RSAE step (s) "
+            "| RSAE / teacher (goal <= 1.10x) |",
             "|---|---|---|---:|---:|---:|---:|",
         ]
         for r in rows:

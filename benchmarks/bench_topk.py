@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timing import add_shape_arguments, interleave
+from timing import add_shape_arguments, cpu_model, interleave
 
 from rsae.config import SAEConfig
 from rsae.rational_sae import RSAE
@@ -142,7 +141,7 @@ def main() -> None:
     report: dict[str, object] = {
         "shape": {"d_in": args.d_in, "d_sae": args.d_sae, "k": args.k, "batch": args.batch},
         "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "machine": cpu_model(),
         "load_average_at_start": os.getloadavg(), "results": [],
     }
     for dtype in args.dtype:

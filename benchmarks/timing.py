@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import platform
 from collections.abc import Callable
+from pathlib import Path
 
 
 def interleave(steps: dict[str, Callable[[], float]], warmup: int, repeats: int) -> dict[str, list[float]]:
@@ -27,3 +29,13 @@ def add_shape_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=steps, help="timed steps per path")
+
+
+def cpu_model() -> str:
+    """The CPU's model name: ratios move between hosts (the shared machines are not all the same CPU)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

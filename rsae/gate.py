@@ -167,12 +167,14 @@ class RationalGate(nn.Module):
         self.scale_out.copy_(scale_t.expand(self.d_sae).to(self.scale_out.dtype))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, h: Tensor, latent_index: Tensor | None = None) -> Tensor:
+    def forward(self, h: Tensor, latent_index: Tensor | None = None, positive_support: bool = False) -> Tensor:
         """Apply the gate.
 
         Args:
             h: dense pre-activations [..., d_sae]; or, with ``latent_index``, sparse values [..., k].
             latent_index: optional long tensor, same shape as ``h``: the latent of each entry (TopK).
+            positive_support: exact zeros (and zero gradients) where ``h <= 0``, ReLU's support rule, in
+                the gate's own pass (see :func:`rsae.rational.rational_gate`).
 
         Returns phi(h), same shape and dtype as ``h`` (computed in fp32, or fp64 for fp64 input).
         """
@@ -207,7 +209,7 @@ class RationalGate(nn.Module):
             den_cols = denominator[cols].t()
 
         if self.fast:
-            out = rational_gate(x, shift, scale_in, scale_out, num_cols, den_cols)
+            out = rational_gate(x, shift, scale_in, scale_out, num_cols, den_cols, positive_support=positive_support)
         else:
             with torch.autocast(device_type=x.device.type, enabled=False):
                 # Same fp32 (fp64) policy as the fast path; the affine map is done here because the
@@ -215,6 +217,8 @@ class RationalGate(nn.Module):
                 cd = torch.float64 if x.dtype == torch.float64 or shift.dtype == torch.float64 else torch.float32
                 u = (x.to(cd) - shift.to(cd)) / scale_in.to(cd)
                 out = (scale_out.to(cd) * rational_reference(u, num_cols, den_cols).to(cd)).to(h.dtype)
+                if positive_support:
+                    out = torch.where(x > 0, out, 0.0)
         return out.reshape(h.shape)
 
     def extra_repr(self) -> str:

@@ -215,7 +215,7 @@ def _endpoint(numerator: Tensor, denominator: Tensor, s: int) -> tuple[Tensor, T
     return value, slope, dslope_da, dslope_dc
 
 
-def _forward_body(p: int, q: int) -> Callable[..., Tensor]:
+def _forward_body(p: int, q: int, positive_support: bool) -> Callable[..., Tensor]:
     def rational_forward(x: Tensor, shift: Tensor, inv_scale_in: Tensor, scale_out: Tensor, numerator: Tensor,
                          denominator: Tensor, slope_pos: Tensor) -> Tensor:
         # Parameters arrive already in the compute dtype (see _RationalGateFunction); only x may be narrower.
@@ -229,12 +229,15 @@ def _forward_body(p: int, q: int) -> Callable[..., Tensor]:
             value = value / (1.0 + big_b)
         # The upper tail's slope is a per-column constant; the lower tail is flat (d < 0 drops out).
         r = value + d.clamp_min(0.0) * slope_pos
-        return (scale_out * r).to(x.dtype)
+        out = scale_out * r
+        if positive_support:
+            out = torch.where(x > 0, out, 0.0)
+        return out.to(x.dtype)
 
     return rational_forward
 
 
-def _backward_body(p: int, q: int, blocked: bool = False) -> Callable[..., tuple[Tensor, ...]]:
+def _backward_body(p: int, q: int, positive_support: bool, blocked: bool = False) -> Callable[..., tuple[Tensor, ...]]:
     # blocked: x and grad arrive as [M / B, B, F] views (B a block of rows) and every sum is taken over
     # each block only (dim 1), giving [M / B, F] partials that the caller sums with aten (see module doc).
     def column_sum(t: Tensor) -> Tensor:
@@ -243,6 +246,8 @@ def _backward_body(p: int, q: int, blocked: bool = False) -> Callable[..., tuple
     def rational_backward(grad: Tensor, x: Tensor, shift: Tensor, inv_scale_in: Tensor, scale_out: Tensor,
                           numerator: Tensor, denominator: Tensor) -> tuple[Tensor, ...]:
         cd = inv_scale_in.dtype
+        if positive_support:
+            grad = torch.where(x > 0, grad, 0.0)
         u = (x.to(cd) - shift) * inv_scale_in
         tc = u.clamp(-1.0, 1.0)
         d = u - tc  # 0 inside [-1, 1]
@@ -327,10 +332,14 @@ _COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
 _COMPILE_FAILED = False
 
 
-def _body(kind: str, p: int, q: int, compiled: bool, variant: tuple[Any, ...] = ()) -> Callable[..., Any]:
-    key = (kind, p, q, variant)
+def _body(kind: str, p: int, q: int, positive_support: bool, compiled: bool,
+          variant: tuple[Any, ...] = ()) -> Callable[..., Any]:
+    key = (kind, p, q, positive_support, variant)
     if key not in _EAGER:
-        body = _forward_body(p, q) if kind == "fwd" else _backward_body(p, q, kind == "bwd_blocked")
+        if kind == "fwd":
+            body = _forward_body(p, q, positive_support)
+        else:
+            body = _backward_body(p, q, positive_support, kind == "bwd_blocked")
         _EAGER[key] = _fresh_code(body, f"p{p}_q{q}_v{len(_EAGER)}")
     if not compiled:
         return _EAGER[key]
@@ -361,11 +370,11 @@ def _row_block(n_rows: int, element_size: int = 4) -> int:
     return block
 
 
-def _run(kind: str, p: int, q: int, compiled: bool, *args: Tensor) -> Any:
+def _run(kind: str, p: int, q: int, positive_support: bool, compiled: bool, *args: Tensor) -> Any:
     global _COMPILE_FAILED
     if compiled and not _COMPILE_FAILED:
         try:
-            return _body(kind, p, q, True, _variant(args))(*args)
+            return _body(kind, p, q, positive_support, True, _variant(args))(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure must degrade, not crash training
             _COMPILE_FAILED = True
             warnings.warn(
@@ -374,7 +383,7 @@ def _run(kind: str, p: int, q: int, compiled: bool, *args: Tensor) -> Any:
                 RuntimeWarning,
                 stacklevel=3,
             )
-    return _body(kind, p, q, False)(*args)
+    return _body(kind, p, q, positive_support, False)(*args)
 
 
 def _compact(coefs: Tensor, cd: torch.dtype) -> Tensor:
@@ -395,8 +404,9 @@ class _RationalGateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, shift: Tensor, scale_in: Tensor, scale_out: Tensor, numerator: Tensor,
-                denominator: Tensor, backend: Backend) -> Tensor:
+                denominator: Tensor, positive_support: bool, backend: Backend) -> Tensor:
         p, q = numerator.shape[0] - 1, denominator.shape[0]
+        ctx.positive_support = positive_support
         ctx.save_for_backward(x, shift, scale_in, scale_out, numerator, denominator)
         with torch.autocast(device_type=x.device.type, enabled=False):
             cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
@@ -405,13 +415,14 @@ class _RationalGateFunction(torch.autograd.Function):
             _, slope_pos, _, _ = _endpoint(a, c, 1)
             args = (x, shift.to(cd), 1.0 / scale_in.to(cd), scale_out.to(cd), a, c, slope_pos)
             if ctx.backend == "cpu_kernel":
-                return rational_cpu.forward(*args)
-            return _run("fwd", p, q, ctx.backend == "compiled", *args)
+                return rational_cpu.forward(*args, positive_support)
+            return _run("fwd", p, q, positive_support, ctx.backend == "compiled", *args)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, shift, scale_in, scale_out, numerator, denominator = ctx.saved_tensors
         p, q = ctx.degree
+        positive_support = ctx.positive_support
         with torch.autocast(device_type=x.device.type, enabled=False):
             cd = compute_dtype(x, shift, scale_in, scale_out, numerator, denominator)
             a, c = _compact(numerator, cd), _compact(denominator, cd)
@@ -425,21 +436,21 @@ class _RationalGateFunction(torch.autograd.Function):
                 # costs far less than a kernel that reads one of them across the grain.
                 grad = grad.T.contiguous().T
             block = _row_block(x.shape[0], x.element_size()) if compiled and not feature_major else 1
+            params = (shift.to(cd), inv_scale_in, scale_out.to(cd), a, c)
             if ctx.backend == "cpu_kernel":
                 grad_x, sum_gx, sum_gxu, sum_gr, sums_a, sums_c, tail_pos = rational_cpu.backward(
-                    grad, x, shift.to(cd), inv_scale_in, scale_out.to(cd), a, c,
-                    per_column_sums=numerator.shape[1] > 1)
+                    grad, x, *params, positive_support, per_column_sums=numerator.shape[1] > 1)
             elif block > 1:
                 n_rows, n_cols = x.shape
                 blocked = (n_rows // block, block, n_cols)
-                grad_x, *sums = _run("bwd_blocked", p, q, compiled, grad.contiguous().view(blocked),
-                                     x.contiguous().view(blocked), shift.to(cd), inv_scale_in, scale_out.to(cd), a, c)
+                grad_x, *sums = _run("bwd_blocked", p, q, positive_support, compiled, grad.contiguous().view(blocked),
+                                     x.contiguous().view(blocked), *params)
                 grad_x = grad_x.view(n_rows, n_cols)
                 # [.., M / B, F] partials: aten's sum over the blocks streams through rows.
                 sum_gx, sum_gxu, sum_gr, sums_a, sums_c, tail_pos = (t.sum(-2) for t in sums)
             else:
                 grad_x, sum_gx, sum_gxu, sum_gr, sums_a, sums_c, tail_pos = _run(
-                    "bwd", p, q, compiled, grad, x, shift.to(cd), inv_scale_in, scale_out.to(cd), a, c)
+                    "bwd", p, q, positive_support, compiled, grad, x, *params)
             _, _, dpos_da, dpos_dc = _endpoint(a, c, 1)
             # Per-column [k, F] coefficient gradients; shared [k, 1] coefficients take their sum.
             grad_a = sums_a + tail_pos * dpos_da
@@ -455,7 +466,7 @@ class _RationalGateFunction(torch.autograd.Function):
                 grad_c.to(denominator.dtype),
             )
         needed = ctx.needs_input_grad
-        return (*(gr if need else None for gr, need in zip(grads, needed[:6], strict=False)), None)
+        return (*(gr if need else None for gr, need in zip(grads, needed[:6], strict=False)), None, None)
 
 
 def _resolve_backend(backend: Backend, x: Tensor, cd: torch.dtype, degree: tuple[int, int]) -> Backend:
@@ -475,7 +486,7 @@ def _resolve_backend(backend: Backend, x: Tensor, cd: torch.dtype, degree: tuple
 
 
 def rational_gate(x: Tensor, shift: Tensor, scale_in: Tensor, scale_out: Tensor, numerator: Tensor,
-                  denominator: Tensor, *, backend: Backend = "auto") -> Tensor:
+                  denominator: Tensor, *, positive_support: bool = False, backend: Backend = "auto") -> Tensor:
     """``C_out * r((x - shift) / C_in)`` per column, fused and low-memory (see module docstring).
 
     Args:
@@ -485,6 +496,9 @@ def rational_gate(x: Tensor, shift: Tensor, scale_in: Tensor, scale_out: Tensor,
         denominator: [q, F] EFFECTIVE coefficients ``c_1..c_q`` (>= 0; q may be 0).
             Coefficient tensors may be ``expand``-ed views of shared [p+1, 1] / [q, 1] coefficients:
             backward returns full [p+1, F] / [q, F] gradients and autograd sums them back.
+        positive_support: zero where ``x <= 0``, in the output and in every gradient: the masked ReLU RSAE's
+            support rule, ``torch.where(x > 0, rational_gate(x, ...), 0)``, applied inside the gate's own pass
+            (on its own, the ``where`` costs two more passes over [M, F] memory each way).
         backend: "cpu_kernel" (the C++ kernel, :mod:`rsae.rational_cpu`), "compiled" (torch.compile'd
             bodies), "eager" (the same bodies, uncompiled), or "auto": the kernel where it applies (CPU,
             fp32/bf16), else compiled unless env var ``RSAE_COMPILE=0``, else eager.
@@ -493,4 +507,4 @@ def rational_gate(x: Tensor, shift: Tensor, scale_in: Tensor, scale_out: Tensor,
     x of shape [1, N*k] with gathered [N*k] parameters and [p+1, N*k] coefficients.
     """
     _check_shapes(x, shift, scale_in, scale_out, numerator, denominator)
-    return _RationalGateFunction.apply(x, shift, scale_in, scale_out, numerator, denominator, backend)
+    return _RationalGateFunction.apply(x, shift, scale_in, scale_out, numerator, denominator, positive_support, backend)

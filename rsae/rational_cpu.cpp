@@ -73,6 +73,7 @@ struct Gate {
   const float *shift, *inv_scale_in, *scale_out, *numerator, *denominator;
   int p, q;
   int64_t coef_ld, coef_cs;
+  bool positive_support;  // zero where x <= 0: output, and the gradient everything else gets
 };
 
 // One block's coefficients: broadcast once when shared, loaded per block when per column.
@@ -147,10 +148,11 @@ struct Forward {
   void run(int64_t row, int64_t col, int n) {
     Coefs<NV>& k = coefs<NV>();
     k.load_columns(g, col, n);
-    vf u[NV], tc[NV], value[NV], big_b[NV], y[NV];
+    vf xs[NV], u[NV], tc[NV], value[NV], big_b[NV], y[NV];
     for (int v = 0; v < NV; ++v) {
       int64_t j = col + v * kLanes;
-      u[v] = (load(g.x + row * g.x_ld + j, n) - load(g.shift + j, n)) * load(g.inv_scale_in + j, n);
+      xs[v] = load(g.x + row * g.x_ld + j, n);
+      u[v] = (xs[v] - load(g.shift + j, n)) * load(g.inv_scale_in + j, n);
       tc[v] = clamp_unit(u[v]);
       y[v] = tc[v] < 0.0f ? -tc[v] : tc[v];
       value[v] = k.a[g.p][v] * tc[v] + k.a[g.p - 1][v];
@@ -167,7 +169,9 @@ struct Forward {
       int64_t j = col + v * kLanes;
       vf slope = g.coef_cs == 0 ? splat(slope_pos[0]) : load(slope_pos + j, n);
       vf r = value[v] + positive_part(u[v] - tc[v]) * slope;
-      store(out + row * out_ld + j, load(g.scale_out + j, n) * r, n);
+      vf result = load(g.scale_out + j, n) * r;
+      if (g.positive_support) result = xs[v] > 0.0f ? result : vf{};
+      store(out + row * out_ld + j, result, n);
     }
   }
 
@@ -207,8 +211,10 @@ struct Backward {
     vf gr[NV], u[NV], tc[NV], y[NV], sgn[NV], big_p[NV], d_p[NV], w[NV], value[NV], slope[NV], w_q[NV];
     for (int v = 0; v < NV; ++v) {
       int64_t j = col + v * kLanes;
+      vf xs = load(g.x + row * g.x_ld + j, n);
       gr[v] = load(grad + row * grad_ld + j, n);
-      u[v] = (load(g.x + row * g.x_ld + j, n) - load(g.shift + j, n)) * load(g.inv_scale_in + j, n);
+      if (g.positive_support) gr[v] = xs > 0.0f ? gr[v] : vf{};
+      u[v] = (xs - load(g.shift + j, n)) * load(g.inv_scale_in + j, n);
       tc[v] = clamp_unit(u[v]);
       y[v] = tc[v] < 0.0f ? -tc[v] : tc[v];
       sgn[v] = tc[v] > 0.0f ? splat(1.0f) : (tc[v] < 0.0f ? splat(-1.0f) : vf{});
@@ -332,19 +338,20 @@ extern "C" {
 
 inline bool supported_degree(int p, int q) { return p >= 1 && q >= 0 && p + q + 2 <= kMaxCoefs; }
 
-// dtype: 0 = fp32, 1 = bf16, for x and out alike. Returns 0, or 1 for an unsupported degree.
+// dtype: 0 = fp32, 1 = bf16, for x and out alike; positive_support 0 or 1 (see Gate). Returns 0, or 1
+// for an unsupported degree.
 int rsae_rational_forward(const void* x, int dtype, int64_t x_ld, void* out, int64_t out_ld, int64_t rows,
                            int64_t cols, const float* shift, const float* inv_scale_in, const float* scale_out,
                            const float* numerator, const float* denominator, int p, int q, int64_t coef_ld,
-                           int64_t coef_cs, const float* slope_pos, int n_threads) {
+                           int64_t coef_cs, int positive_support, const float* slope_pos, int n_threads) {
   if (!supported_degree(p, q)) return 1;
   if (dtype == 0) {
     Gate<float> g{static_cast<const float*>(x), x_ld, rows, cols, shift, inv_scale_in, scale_out,
-                  numerator, denominator, p, q, coef_ld, coef_cs};
+                  numerator, denominator, p, q, coef_ld, coef_cs, positive_support != 0};
     forward(g, static_cast<float*>(out), out_ld, slope_pos, n_threads);
   } else {
     Gate<bf16> g{static_cast<const bf16*>(x), x_ld, rows, cols, shift, inv_scale_in, scale_out,
-                 numerator, denominator, p, q, coef_ld, coef_cs};
+                 numerator, denominator, p, q, coef_ld, coef_cs, positive_support != 0};
     forward(g, static_cast<bf16*>(out), out_ld, slope_pos, n_threads);
   }
   return 0;
@@ -359,16 +366,17 @@ int rsae_rational_backward(const void* grad, int dtype, int64_t grad_ld, const v
                             int64_t grad_x_ld, int64_t rows, int64_t cols, const float* shift,
                             const float* inv_scale_in, const float* scale_out, const float* numerator,
                             const float* denominator, int p, int q, int64_t coef_ld, int64_t coef_cs,
-                            int per_column_sums, float* col_sums, float* coef_sums, int n_threads) {
+                            int positive_support, int per_column_sums, float* col_sums, float* coef_sums,
+                            int n_threads) {
   if (!supported_degree(p, q)) return 1;
   if (dtype == 0) {
     Gate<float> g{static_cast<const float*>(x), x_ld, rows, cols, shift, inv_scale_in, scale_out,
-                  numerator, denominator, p, q, coef_ld, coef_cs};
+                  numerator, denominator, p, q, coef_ld, coef_cs, positive_support != 0};
     backward(g, static_cast<const float*>(grad), grad_ld, static_cast<float*>(grad_x), grad_x_ld,
              per_column_sums != 0, col_sums, coef_sums, n_threads);
   } else {
     Gate<bf16> g{static_cast<const bf16*>(x), x_ld, rows, cols, shift, inv_scale_in, scale_out,
-                 numerator, denominator, p, q, coef_ld, coef_cs};
+                 numerator, denominator, p, q, coef_ld, coef_cs, positive_support != 0};
     backward(g, static_cast<const bf16*>(grad), grad_ld, static_cast<bf16*>(grad_x), grad_x_ld,
              per_column_sums != 0, col_sums, coef_sums, n_threads);
   }

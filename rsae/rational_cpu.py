@@ -93,9 +93,9 @@ def library() -> ctypes.CDLL | None:
         return None
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.rsae_rational_forward.argtypes = [ptr, i32, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32, i32, i64,
-                                          i64, ptr, i32]
+                                          i64, i32, ptr, i32]
     lib.rsae_rational_backward.argtypes = [ptr, i32, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32,
-                                           i32, i64, i64, i32, ptr, ptr, i32]
+                                           i32, i64, i64, i32, i32, ptr, ptr, i32]
     lib.rsae_rational_forward.restype = lib.rsae_rational_backward.restype = ctypes.c_int
     return lib
 
@@ -129,7 +129,7 @@ def _row_major(t: Tensor) -> Tensor:
 
 
 def forward(x: Tensor, shift: Tensor, inv_scale_in: Tensor, scale_out: Tensor, numerator: Tensor, denominator: Tensor,
-            slope_pos: Tensor) -> Tensor:
+            slope_pos: Tensor, positive_support: bool) -> Tensor:
     """The gate's forward (the arguments of ``rational_forward`` in :mod:`rsae.rational`, fp32 parameters)."""
     lib = library()
     assert lib is not None, "call applies() first"
@@ -141,12 +141,12 @@ def forward(x: Tensor, shift: Tensor, inv_scale_in: Tensor, scale_out: Tensor, n
         x.data_ptr(), _DTYPE_CODES[x.dtype], x.stride(0), out.data_ptr(), out.stride(0),
         rows, cols, shift.data_ptr(), inv_scale_in.data_ptr(), scale_out.data_ptr(), numerator.data_ptr(),
         denominator.data_ptr(), numerator.shape[0] - 1, denominator.shape[0], *_coefficient_layout(numerator),
-        slope_pos.data_ptr(), torch.get_num_threads()))
+        int(positive_support), slope_pos.data_ptr(), torch.get_num_threads()))
     return out
 
 
 def backward(grad: Tensor, x: Tensor, shift: Tensor, inv_scale_in: Tensor, scale_out: Tensor, numerator: Tensor,
-             denominator: Tensor, per_column_sums: bool) -> tuple[Tensor, ...]:
+             denominator: Tensor, positive_support: bool, per_column_sums: bool) -> tuple[Tensor, ...]:
     """grad_x and the sums of ``rational_backward`` in :mod:`rsae.rational`, in its order. The coefficient
     sums and the tail sum are per column ([p+1, F], [q, F], [F]) if ``per_column_sums`` (always so for
     per-column coefficients), else totals ([p+1, 1], [q, 1], [1])."""
@@ -167,7 +167,8 @@ def backward(grad: Tensor, x: Tensor, shift: Tensor, inv_scale_in: Tensor, scale
         grad.data_ptr(), _DTYPE_CODES[x.dtype], grad.stride(0), x.data_ptr(), x.stride(0), grad_x.data_ptr(),
         grad_x.stride(0), rows, cols, shift.data_ptr(),
         inv_scale_in.data_ptr(), scale_out.data_ptr(), numerator.data_ptr(), denominator.data_ptr(), p, q,
-        *_coefficient_layout(numerator), int(per_column_sums), col_sums.data_ptr(), coef_sums.data_ptr(), n_threads))
+        *_coefficient_layout(numerator), int(positive_support), int(per_column_sums), col_sums.data_ptr(),
+        coef_sums.data_ptr(), n_threads))
     sum_gx, sum_gxu, sum_gr, *per_column = col_sums.sum(0)
     coefs = torch.stack(per_column) if per_column_sums else coef_sums.sum(0)[:, None]
     return grad_x, sum_gx, sum_gxu, sum_gr, coefs[: p + 1], coefs[p + 1 : p + q + 1], coefs[p + q + 1]

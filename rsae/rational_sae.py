@@ -139,15 +139,15 @@ class RSAE(SparseAutoencoder):
             if cfg.family == "topk":
                 assert cfg.k is not None
                 return _Encoded(self._masked_topk(*topk_relu(pre_acts, cfg.k)), pre_acts, None)
-            # The gate runs on every entry, one fused pass each way (~1.3-2x a relu's cost), and the teacher's rule
-            # zeroes the inactive ones. Gathering the few percent of active entries and scattering them back made the
-            # whole training step ~15% slower on CPU (bench_step) and needs a host sync on GPUs (nonzero).
-            gate_out = self.gate(pre_acts)
+            # The gate runs on every entry, one fused pass each way, and the teacher's rule zeroes the inactive ones.
+            # Gathering the few percent of active entries and scattering them back made the whole training step
+            # ~15% slower on CPU (bench_step) and needs a host sync on GPUs (nonzero).
             if cfg.family == "relu":
-                return _Encoded(Latents(torch.where(pre_acts > 0, gate_out, 0.0), None), pre_acts, None)
+                # Inside the gate's pass: a torch.where after it costs two more passes each way.
+                return _Encoded(Latents(self.gate(pre_acts, positive_support=True), None), pre_acts, None)
             # JumpReLU: the threshold's straight-through gradient reads phi(h) near theta through the product.
             active = step(pre_acts, self.threshold, cfg.jumprelu_bandwidth)
-            return _Encoded(Latents(gate_out * active, None), pre_acts, None)
+            return _Encoded(Latents(self.gate(pre_acts) * active, None), pre_acts, None)
         gate_out = self.gate(pre_acts)
         if cfg.mode == "pure":
             return _Encoded(Latents(gate_out, None), pre_acts, None)

@@ -99,17 +99,18 @@ def test_input_shape_errors():
         gate(torch.zeros(4, 3), torch.zeros(4, 3))
 
 
-def grads_of(gate: RationalGate, h: torch.Tensor, index: torch.Tensor | None, weight: torch.Tensor):
+def grads_of(gate: RationalGate, h: torch.Tensor, index: torch.Tensor | None, weight: torch.Tensor,
+             positive_support: bool = False):
     gate.zero_grad(set_to_none=True)
     h = h.detach().clone().requires_grad_()
-    out = gate(h, index)
+    out = gate(h, index, positive_support)
     (out * weight).sum().backward()
     return out.detach(), [h.grad] + [p.grad for p in gate.parameters()]
 
 
 @pytest.mark.parametrize("sharing", ["shared", "group", "feature"])
-@pytest.mark.parametrize("sparse", [False, True])
-def test_fast_path_matches_reference_path(sharing, sparse):
+@pytest.mark.parametrize("sparse,positive_support", [(False, False), (True, False), (False, True), (True, True)])
+def test_fast_path_matches_reference_path(sharing, sparse, positive_support):
     d, n, k = 12, 10, 4
     gate = randomise(RationalGate(d, (3, 2), sharing=sharing, n_groups=3), seed=1)
     gen = torch.Generator().manual_seed(2)
@@ -121,16 +122,19 @@ def test_fast_path_matches_reference_path(sharing, sparse):
         index = None
     weight = torch.randn(h.shape, generator=gen)
     gate.fast = True
-    out, grads = grads_of(gate, h, index, weight)
+    out, grads = grads_of(gate, h, index, weight, positive_support)
     gate.fast = False
-    out_ref, grads_ref = grads_of(gate, h, index, weight)
+    out_ref, grads_ref = grads_of(gate, h, index, weight, positive_support)
+    if positive_support:
+        assert (out[h <= 0] == 0).all() and (out_ref[h <= 0] == 0).all() and (out[h > 0] != 0).any()
     torch.testing.assert_close(out, out_ref, rtol=1e-6, atol=1e-6)
     for got, want in zip(grads, grads_ref, strict=False):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * max(1.0, want.abs().max().item()))
     if sparse:
         # the sparse call equals the dense call at the selected entries
         dense = torch.zeros(n, d).scatter(1, index, h)
-        torch.testing.assert_close(gate(dense).gather(1, index), out_ref, rtol=1e-6, atol=1e-6)
+        dense_out = gate(dense, positive_support=positive_support)
+        torch.testing.assert_close(dense_out.gather(1, index), out_ref, rtol=1e-6, atol=1e-6)
 
 
 def test_gradients_reach_zero_valued_coefficients():

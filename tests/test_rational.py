@@ -131,6 +131,32 @@ def test_feature_major_input_matches_reference_without_a_copy(shared, grad_layou
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend,layout", [("eager", "rows"), ("compiled", "rows"), ("compiled", "blocked rows"),
+                                            ("compiled", "features"), ("cpu_kernel", "rows")])
+def test_positive_support_is_the_gate_zeroed_where_x_is_not_positive(backend, layout):
+    """positive_support=True equals torch.where(x > 0, gate(x), 0) in value and in every gradient, exact zeros
+    included (x = 0 exactly is outside), on every backend and the layouts each takes."""
+    if backend == "cpu_kernel" and rational.rational_cpu.library() is None:
+        pytest.skip("no C++ compiler")
+    p, q, cols = 3, 2, 24
+    rows = 256 if layout == "blocked rows" else 40
+    args = make_args(rows, cols, p, q, dtype=torch.float32, seed=11)
+    x = args[0].detach()
+    x[::5, ::3] = 0.0
+    if layout == "features":
+        x = x.T.contiguous().T
+    inputs = (x.requires_grad_(), *args[1:])
+    out = rational_gate(*inputs, positive_support=True, backend=backend)
+    want = torch.where(x > 0, rational_gate(*inputs, backend="eager"), 0.0)
+    assert (out[x <= 0] == 0).all()
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    g = torch.randn(rows, cols)
+    got_grads, want_grads = torch.autograd.grad(out, inputs, g), torch.autograd.grad(want, inputs, g)
+    assert (got_grads[0][x <= 0] == 0).all()
+    for got, expected in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def fast_and_reference(args, backend):
     """(out, ref, fast path grads, reference grads) for one random output gradient."""
     out = rational_gate(*args, backend=backend)
@@ -346,8 +372,8 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
 
     monkeypatch.setattr(rational, "_COMPILE_FAILED", False)
     monkeypatch.setattr(rational, "_variant", lambda args: ("broken",))
-    monkeypatch.setitem(rational._COMPILED, ("fwd", 2, 1, ("broken",)), broken)
-    monkeypatch.setitem(rational._COMPILED, ("bwd", 2, 1, ("broken",)), broken)
+    monkeypatch.setitem(rational._COMPILED, ("fwd", 2, 1, False, ("broken",)), broken)
+    monkeypatch.setitem(rational._COMPILED, ("bwd", 2, 1, False, ("broken",)), broken)
     args = make_args(4, 3, 2, 1, dtype=torch.float32)
     with pytest.warns(RuntimeWarning, match="falling back to eager"):
         out = rational_gate(*args, backend="compiled")

@@ -29,24 +29,25 @@ def gate_args(rows: int, cols: int, p: int, q: int, coefficients: str, seed: int
 
 
 def run(args: list[torch.Tensor], backend: str, coefficients: str, grad: torch.Tensor,
-        x: torch.Tensor | None = None) -> list[torch.Tensor]:
-    x = args[0] if x is None else x
-    a, c = args[4:]
+        positive_support: bool = False) -> list[torch.Tensor]:
+    x, a, c = args[0], *args[4:]
     if coefficients == "expanded":
         a, c = a.expand(a.shape[0], x.shape[1]), c.expand(c.shape[0], x.shape[1])
-    out = rational_gate(x, *args[1:4], a, c, backend=backend)
+    out = rational_gate(x, *args[1:4], a, c, positive_support=positive_support, backend=backend)
     return [out, *torch.autograd.grad(out, args, grad)]
 
 
 @pytest.mark.parametrize("coefficients", ["shared", "expanded", "per-column"])
 @pytest.mark.parametrize("rows,cols", [(1, 1), (1, 300), (3, 7), (8, 64), (5, 100), (64, 1000)])
 @pytest.mark.parametrize("degree", [(9, 8), (3, 0), (1, 1)])
-def test_kernel_matches_eager(rows, cols, degree, coefficients):
+@pytest.mark.parametrize("positive_support", [False, True])
+def test_kernel_matches_eager(rows, cols, degree, coefficients, positive_support):
     """Full blocks of 64 columns, single vectors and a partial last vector; one row (the TopK path, split by
     columns across threads) and several (split by rows)."""
     args = gate_args(rows, cols, *degree, coefficients, seed=rows * cols)
     grad = torch.randn(rows, cols)
-    got, want = run(args, "cpu_kernel", coefficients, grad), run(args, "eager", coefficients, grad)
+    got = run(args, "cpu_kernel", coefficients, grad, positive_support)
+    want = run(args, "eager", coefficients, grad, positive_support)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         # sums over up to 64 x 1000 terms of O(1): compare relative to each gradient's scale
@@ -104,9 +105,10 @@ def test_kernel_refuses_an_unsupported_degree_instead_of_overrunning(monkeypatch
     args = gate_args(2, 16, 16, 15, "shared")
     params = [t.detach() for t in args[1:]]
     with pytest.raises(ValueError, match="unsupported degree"):
-        rational_cpu.forward(args[0].detach(), *params, torch.zeros(1))
+        rational_cpu.forward(args[0].detach(), *params, torch.zeros(1), positive_support=False)
     with pytest.raises(ValueError, match="unsupported degree"):
-        rational_cpu.backward(torch.ones(2, 16), args[0].detach(), *params, per_column_sums=False)
+        rational_cpu.backward(torch.ones(2, 16), args[0].detach(), *params, positive_support=False,
+                              per_column_sums=False)
     monkeypatch.setenv("RSAE_COMPILE", "0")  # auto then takes the eager bodies (no compile in the test)
     out = rational_gate(*args)
     assert torch.isfinite(out).all()
