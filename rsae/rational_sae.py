@@ -40,8 +40,8 @@ DEFAULT_DEGREES: dict[str, tuple[int, int]] = {"relu": (3, 2), "jumprelu": (9, 8
 class _Encoded(NamedTuple):
     latents: Latents
     pre_acts: Tensor
-    gate_out: Tensor | None
-    """phi(h) before the hard zero (thresholded mode only; its L0 penalty needs it)."""
+    gate_magnitude: Tensor | None
+    """|phi(h)| before the hard zero (thresholded mode only; its L0 penalty needs it)."""
 
 
 class RSAE(SparseAutoencoder):
@@ -151,8 +151,10 @@ class RSAE(SparseAutoencoder):
         gate_out = self.gate(pre_acts)
         if cfg.mode == "pure":
             return _Encoded(Latents(gate_out, None), pre_acts, None)
-        keep = step(gate_out.abs(), self._zero_band(), cfg.jumprelu_bandwidth)
-        return _Encoded(Latents(gate_out * keep, None), pre_acts, gate_out)
+        # The zero band is detached, so the hard zero passes no gradient but gate_out's own: a where, not
+        # a straight-through step (whose product would cost two more passes in backward).
+        magnitude = gate_out.abs()
+        return _Encoded(Latents(torch.where(magnitude > self._zero_band(), gate_out, 0.0), None), pre_acts, magnitude)
 
     def _masked_topk(self, values: Tensor, indices: Tensor) -> Latents:
         # A selected value of 0 (fewer than k positive pre-activations) must stay an exact zero.
@@ -181,9 +183,9 @@ class RSAE(SparseAutoencoder):
         sparsity, auxk = zero, zero
         cfg = self.cfg
         if cfg.mode == "thresholded":
-            assert encoded.gate_out is not None
+            assert encoded.gate_magnitude is not None
             band = self._zero_band()
-            sparsity = step(encoded.gate_out.abs(), band, cfg.jumprelu_bandwidth, pass_x_grad=True).sum(-1).mean()
+            sparsity = step(encoded.gate_magnitude, band, cfg.jumprelu_bandwidth, pass_x_grad=True).sum(-1).mean()
         elif cfg.mode == "pure" or cfg.family == "relu":
             sparsity = decoder_weighted_l1(encoded.latents.values, self.W_dec)
         elif cfg.family == "jumprelu":
