@@ -3,6 +3,8 @@
 The rational gate exists to be trained, so the figure that matters is the step, not the gate
 alone: the goal is an RSAE step within 1.10x of its baseline's. Teacher and RSAE steps are
 interleaved in one run on the same batch; the script prints step/step ratios per family and mode.
+It runs under fixed glibc malloc settings (``--malloc``, see timing.py): left to glibc's dynamic
+mmap threshold, one model's frees change the other's page faults.
 
     python benchmarks/bench_step.py --json benchmarks/results/bench_step.json \
         --markdown benchmarks/results/bench_step.md
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from timing import add_shape_arguments, cpu_model, interleave
+from timing import add_step_arguments, cpu_model, interleave, use_malloc
 
 from rsae.config import FAMILIES, GATE_MODES, SAEConfig
 from rsae.models import build_model
@@ -65,7 +67,7 @@ def measure(args: argparse.Namespace, family: str, mode: str) -> dict[str, objec
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_shape_arguments(parser, steps=6)
+    add_step_arguments(parser, steps=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--density", type=float, default=0.015, help="fraction of latents the teachers fire on")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (weights stay fp32)")
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
+    use_malloc(args.malloc)
 
     rows = []
     for family in args.families:
@@ -84,7 +87,7 @@ def main() -> None:
                   f"ratio {row['ratio']:.2f}x  (teacher L0 {row['teacher_l0']:.0f})", flush=True)
     report = {"shape": {"d_in": args.d_in, "d_sae": args.d_sae, "k": args.k, "batch": args.batch},
               "bf16": args.bf16, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": cpu_model(),
-              "load_average_at_start": os.getloadavg(), "rows": rows}
+              "malloc": args.malloc, "load_average_at_start": os.getloadavg(), "rows": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -94,9 +97,9 @@ def main() -> None:
             "",
             f"d_in {args.d_in}, d_sae {args.d_sae}, k {args.k}, batch {args.batch}, "
             f"{'bf16 autocast' if args.bf16 else 'fp32'}; forward + backward + fused Adam, median of {args.steps} "
-            f"interleaved steps; {torch.get_num_threads()} threads on a shared 2-core {report['machine']}. Random "
-            f"teachers with "
-            f"the encoder bias shifted so that {args.density:.1%} of latents fire, as in a trained SAE.",
+            f"interleaved steps, malloc `{args.malloc}`; {torch.get_num_threads()} threads on a shared 2-core "
+            f"{report['machine']}. Random teachers with the encoder bias shifted so that {args.density:.1%} of "
+            "latents fire, as in a trained SAE.",
             "",
             "| family | mode | degree | teacher L0 | teacher step (s) | RSAE step (s) "
             "| RSAE / teacher (goal <= 1.10x) |",

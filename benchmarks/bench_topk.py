@@ -2,7 +2,8 @@
 
 One step = forward, backward and an Adam update on one batch. Both paths start from the same
 weights and see the same batch; their steps are interleaved so that load from other processes
-hits both alike, and the median step time is reported.
+hits both alike, and the median step time is reported. Fixed glibc malloc settings (``--malloc``, see
+timing.py) keep one path's frees from changing the other's page faults.
 
     python benchmarks/bench_topk.py                                  # fp32, d_in 576, d_sae 4608, k 32, batch 4096
     python benchmarks/bench_topk.py --dtype fp32 bf16 --json benchmarks/results/bench_topk.json \
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timing import add_shape_arguments, cpu_model, interleave
+from timing import add_step_arguments, cpu_model, interleave, use_malloc
 
 from rsae.config import SAEConfig
 from rsae.rational_sae import RSAE
@@ -104,7 +105,7 @@ def markdown(report: dict[str, object]) -> str:
         "",
         f"d_in {shape['d_in']}, d_sae {shape['d_sae']}, k {shape['k']}, batch {shape['batch']}; "
         f"forward + backward + fused Adam; median of {report['steps']} interleaved steps; torch {report['torch']}, "
-        f"{report['threads']} threads ({report['machine']}; load average "
+        f"{report['threads']} threads ({report['machine']}; malloc `{report['malloc']}`; load average "
         f"{report['load_average_at_start'][0]:.1f} at start, the machine is shared).",
         "",
         "Tokens/s from the median step (from the fastest step in brackets).",
@@ -127,7 +128,7 @@ def markdown(report: dict[str, object]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_shape_arguments(parser, steps=10)
+    add_step_arguments(parser, steps=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", nargs="+", choices=sorted(AUTOCAST_DTYPES), default=["fp32"],
                         help="fp32, or bf16 under CPU autocast (weights stay fp32)")
@@ -135,13 +136,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the full report here")
     parser.add_argument("--markdown", type=Path, default=None, help="write a summary table here")
     args = parser.parse_args()
+    use_malloc(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     report: dict[str, object] = {
         "shape": {"d_in": args.d_in, "d_sae": args.d_sae, "k": args.k, "batch": args.batch},
         "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "machine": cpu_model(),
+        "threads": torch.get_num_threads(), "machine": cpu_model(), "malloc": args.malloc,
         "load_average_at_start": os.getloadavg(), "results": [],
     }
     for dtype in args.dtype:

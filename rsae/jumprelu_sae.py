@@ -78,11 +78,40 @@ class _Step(torch.autograd.Function):
         return grad_x, grad_threshold, None, None
 
 
+class _ThresholdMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, values: Tensor, h: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        effective = threshold.clamp(min=0)
+        ctx.save_for_backward(values, h, effective)
+        ctx.bandwidth = bandwidth
+        ctx.threshold_shape, ctx.threshold_dtype = threshold.shape, threshold.dtype
+        return torch.where(h > effective, values, 0.0)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_z: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
+        values, h, threshold = ctx.saved_tensors
+        grad_values = torch.where(h > threshold, grad_z, 0.0) if ctx.needs_input_grad[0] else None
+        grad_threshold = None
+        if ctx.needs_input_grad[2]:
+            delta_sum = _delta_times(grad_z * values, h, threshold, ctx.bandwidth).sum_to_size(ctx.threshold_shape)
+            grad_threshold = delta_sum.neg().to(ctx.threshold_dtype)
+        return grad_values, None, grad_threshold, None
+
+
 def jumprelu(h: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
     """`h * H(h - theta)`, `threshold` broadcast against `h` (e.g. [d_sae] against [N, d_sae]).
 
     Gradient to `h`: `H(h - theta)`. Pseudo-gradient to `theta`: `-(theta / bandwidth) K((h - theta) / bandwidth)`."""
     return _JumpReLU.apply(h, threshold, bandwidth)
+
+
+def threshold_mask(values: Tensor, h: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """`values * H(h - theta)`: JumpReLU's support rule applied to other values (a masked RSAE's phi(h)).
+
+    Gradients as the product with :func:`step` gives them: `H(h - theta)` to `values`, none to `h`, and
+    `-(values / bandwidth) K((h - theta) / bandwidth)` to `theta`; but without the float mask and the
+    product's two backward passes."""
+    return _ThresholdMask.apply(values, h, threshold, bandwidth)
 
 
 def step(x: Tensor, threshold: Tensor, bandwidth: float, pass_x_grad: bool = False) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from rsae.calibration import threshold_scales, topk_threshold
 from rsae.config import GATE_MODES, CoefficientSharing, GateMode, SAEConfig
 from rsae.gate import RationalGate
-from rsae.jumprelu_sae import step
+from rsae.jumprelu_sae import step, threshold_mask
 from rsae.relu_sae import decoder_weighted_l1
 from rsae.remez import GateFit, fit_gate, lookup_fit
 from rsae.sae import Latents, SAEOutput, SparseAutoencoder, TrainingLoss, reconstruction_mse
@@ -145,9 +145,9 @@ class RSAE(SparseAutoencoder):
             if cfg.family == "relu":
                 # Inside the gate's pass: a torch.where after it costs two more passes each way.
                 return _Encoded(Latents(self.gate(pre_acts, positive_support=True), None), pre_acts, None)
-            # JumpReLU: the threshold's straight-through gradient reads phi(h) near theta through the product.
-            active = step(pre_acts, self.threshold, cfg.jumprelu_bandwidth)
-            return _Encoded(Latents(self.gate(pre_acts) * active, None), pre_acts, None)
+            # JumpReLU: the threshold's straight-through gradient reads phi(h) near theta.
+            latents = threshold_mask(self.gate(pre_acts), pre_acts, self.threshold, cfg.jumprelu_bandwidth)
+            return _Encoded(Latents(latents, None), pre_acts, None)
         gate_out = self.gate(pre_acts)
         if cfg.mode == "pure":
             return _Encoded(Latents(gate_out, None), pre_acts, None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rsae.jumprelu_sae import jumprelu, rectangle, step
+from rsae.jumprelu_sae import jumprelu, rectangle, step, threshold_mask
 
 from helpers import make_sae, sparse_dictionary_data, train
 
@@ -49,6 +49,19 @@ def test_step_forward_and_pseudo_gradients(pass_x_grad: bool) -> None:
         torch.testing.assert_close(x.grad, delta)
     else:
         assert x.grad is None
+
+
+def test_threshold_mask_is_the_product_with_the_step() -> None:
+    """threshold_mask(values, h, theta) == values * step(h, theta): value, and gradients to values and theta."""
+    values, theta = leaf(torch.randn_like(H)), leaf(THETA)
+    grad_z = torch.rand_like(H)
+    z = threshold_mask(values, H, theta, BANDWIDTH)
+    torch.testing.assert_close(z, torch.where(H > THETA, values.detach(), 0.0))
+    got = torch.autograd.grad(z, (values, theta), grad_z)
+    want = torch.autograd.grad(values * step(H, theta, BANDWIDTH), (values, theta), grad_z)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+    assert (got[1] != 0).all()  # every feature has a point in the window
 
 
 def test_scalar_threshold_broadcasts_and_reduces() -> None:
