@@ -158,7 +158,7 @@ class RSAE(SparseAutoencoder):
 
     def _masked_topk(self, values: Tensor, indices: Tensor) -> Latents:
         # A selected value of 0 (fewer than k positive pre-activations) must stay an exact zero.
-        return Latents(self.gate(values, latent_index=indices) * (values > 0), indices)
+        return Latents(self.gate(values, latent_index=indices, positive_support=True), indices)
 
     def _zero_band(self) -> Tensor:
         return self.cfg.threshold_eps * self.gate.scale_out.detach().abs()

@@ -120,6 +120,22 @@ def test_masked_topk_fast_path_matches_the_dense_reference() -> None:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_masked_topk_keeps_zeros_where_fewer_than_k_latents_fire() -> None:
+    """A selected value of 0 (fewer than k positive pre-activations) stays an exact zero even when the
+    rational is not 0 at 0."""
+    teacher = TEACHERS["topk"]
+    model = RSAE.from_teacher(teacher, degree=(5, 4))
+    x = DATA[:64]
+    with torch.no_grad():
+        # about k / 2 latents fire per token
+        model.b_enc.sub_(model.pre_activations(x).flatten().quantile(1 - K / (2 * D_SAE)))
+        model.gate.numerator[0].fill_(0.3)  # r(0) != 0
+    latents = model.run(x).latents
+    firing = (model.pre_activations(x) > 0).sum(-1)
+    assert (firing < K).any() and firing.sum() > 0
+    assert torch.equal((latents.values != 0).sum(-1), firing.clamp(max=K))
+
+
 @pytest.mark.parametrize("sharing", ["group", "feature"])
 def test_grouped_and_per_latent_coefficients(sharing: str) -> None:
     model = RSAE.from_teacher(TEACHERS["relu"], coefficient_sharing=sharing, n_coefficient_groups=4)
