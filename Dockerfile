@@ -3,7 +3,7 @@
 #   docker run --gpus all -v $PWD/runs:/work/runs rsae rsae quickstart --out /work/runs/quickstart
 #   docker run --gpus all -v $PWD/runs:/work/runs rsae rsae fit --config /opt/rsae/configs/topk-teacher.yaml
 FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
-ENV HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+ENV PYTHONUNBUFFERED=1
 WORKDIR /opt/rsae
 COPY pyproject.toml README.md ./
 COPY rsae ./rsae

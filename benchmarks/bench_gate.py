@@ -1,7 +1,7 @@
 """Forward+backward time and peak memory of the rational gate vs torch.relu.
 
 Cases, per dtype (fp32, bf16) and degree: ``relu`` (torch.relu), ``gate`` (RationalGate as it runs by
-default, shared coefficients: on CPU the C++ kernel of rsae.rational_cpu), ``compiled`` (the same Function
+default, shared coefficients: on CPU the C++ kernel of rsae.rational.cpu), ``compiled`` (the same Function
 on its torch.compile'd bodies, the backend GPUs and other dtypes use; RSAE_CPU_KERNEL=0) and ``reference``
 (the eager reference path, for context). The goal applies to ``gate``.
 One step = ``out = f(x); out.backward(g)`` on an [rows, cols] input.
@@ -61,8 +61,8 @@ def run_case(case: str, dtype_name: str, degree: tuple[int, int], rows: int, col
         os.environ["RSAE_CPU_KERNEL"] = "0"
     import torch
 
-    from rsae.gate import RationalGate
-    from rsae.rational import _resolve_backend
+    from rsae.rational.gate import RationalGate
+    from rsae.rational.kernel import _resolve_backend
 
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)

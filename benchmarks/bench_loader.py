@@ -30,10 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from rsae.cache import ActivationCache, from_storage, write_cache_from_arrays  # noqa: E402
-from rsae.data import ActivationDataModule  # noqa: E402
+from rsae.data.cache import ActivationCache, from_storage  # noqa: E402
+from rsae.data.datamodule import ActivationDataModule  # noqa: E402
+
+from helpers import write_cache_from_arrays  # noqa: E402
 
 
 def synthetic(folder: Path, d: int = 576, n_shards: int = 13, seqs: int = 256, seq_len: int = 128) -> str:

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from timing import add_step_arguments, cpu_model, interleave, use_malloc
 
-from rsae.config import FAMILIES, GATE_MODES, SAEConfig
-from rsae.models import build_model
-from rsae.rational_sae import RSAE
-from rsae.sae import SparseAutoencoder
+from rsae.nn.config import FAMILIES, GATE_MODES, SAEConfig
+from rsae.nn.rational_sae import RSAE
+from rsae.nn.registry import build_model
+from rsae.nn.sae import SparseAutoencoder
 
 
 def make_step(model: SparseAutoencoder, x: torch.Tensor, bf16: bool) -> Callable[[], float]:

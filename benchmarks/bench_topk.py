@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from timing import add_step_arguments, cpu_model, interleave, use_malloc
 
-from rsae.config import SAEConfig
-from rsae.rational_sae import RSAE
-from rsae.sae import SparseAutoencoder, reconstruction_mse
-from rsae.sparse_codes import topk_relu
-from rsae.topk_sae import TopKSAE
+from rsae.nn.config import SAEConfig
+from rsae.nn.rational_sae import RSAE
+from rsae.nn.sae import SparseAutoencoder, reconstruction_mse
+from rsae.nn.sparse_codes import topk_relu
+from rsae.nn.topk import TopKSAE
 
 SPARSIFY_REFERENCE = "EleutherAI sparsify's fused TopK step ~8.7k tokens/s vs 5.4k for a dense step (1.6x)"
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}

@@ -1,7 +1,7 @@
 """Acceptance of the calibrated RSAE initialisation: does it reproduce its teacher on held-out real activations?
 
 For each teacher family (relu, jumprelu, topk) and gate mode (masked, pure, thresholded): build the
-RSAE from the teacher, `rsae.calibration.calibrate` it on calibration activations, then compare
+RSAE from the teacher, `rsae.train.calibration.calibrate` it on calibration activations, then compare
 with the teacher on HELD-OUT activations (`evaluate_against_teacher`). Targets (the issue): MSE
 within 1%, mean latent cosine >= 0.99, L0 identical in masked mode and within 2% in thresholded
 mode; pure mode is reported for comparison.
@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rsae.calibration import calibrate, evaluate_against_teacher
-from rsae.config import GATE_MODES, SAEConfig
-from rsae.models import build_model
-from rsae.rational_sae import RSAE
-from rsae.sae import SparseAutoencoder
+from rsae.nn.config import GATE_MODES, SAEConfig
+from rsae.nn.rational_sae import RSAE
+from rsae.nn.registry import build_model
+from rsae.nn.sae import SparseAutoencoder
+from rsae.train.calibration import calibrate, evaluate_against_teacher
 
 RESULTS = Path(__file__).parent / "results"
 FAMILIES = ("relu", "jumprelu", "topk")

@@ -1,13 +1,13 @@
-"""Rational Sparse Autoencoders: upgrade ReLU, JumpReLU and TopK SAEs with a trainable rational gate."""
+"""Rational Sparse Autoencoders: upgrade ReLU, JumpReLU and TopK SAEs with a trainable rational gate.
 
-from rsae.checkpoint import CheckpointError, load, save
-from rsae.config import SAEConfig
-from rsae.gate import RationalGate
-from rsae.jumprelu_sae import JumpReLUSAE
-from rsae.rational_sae import RSAE
-from rsae.relu_sae import ReLUSAE
-from rsae.sae import Latents, SAEOutput, SparseAutoencoder, TrainingLoss
-from rsae.topk_sae import TopKSAE
+`import rsae` loads torch, numpy and safetensors only: no Lightning, transformers or matplotlib, no change
+to the environment or to warning filters. Training lives in `rsae.train`, data in `rsae.data`, evaluation
+in `rsae.eval`.
+"""
+
+from rsae.nn import RSAE, JumpReLUSAE, Latents, ReLUSAE, SAEConfig, SAEOutput, SparseAutoencoder, TopKSAE, TrainingLoss
+from rsae.rational import RationalGate
+from rsae.zoo import CheckpointError, load, save
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import scipy
 
-from rsae.remez import CANONICAL_THRESHOLD, DEFAULT_GAP, DEFAULT_GRID_POINTS, TABLE_FORMAT_VERSION, table_fits
+from rsae.rational.remez import CANONICAL_THRESHOLD, DEFAULT_GAP, DEFAULT_GRID_POINTS, TABLE_FORMAT_VERSION, table_fits
 
 OUTPUT = Path(__file__).resolve().parent.parent / "rsae" / "remez_tables.json"
 

@@ -14,13 +14,65 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rsae.cache import write_cache_from_arrays
-from rsae.config import SAEConfig
-from rsae.models import build_model
-from rsae.sae import SparseAutoencoder, TrainingLoss
+from rsae._io import Store
+from rsae.data.cache import FORMAT_VERSION, MANIFEST, ActivationCache, CacheError, storage_dtype
+from rsae.data.caching import CacheRequest, write_shard
+from rsae.data.lm import LanguageModel
+from rsae.nn.config import SAEConfig
+from rsae.nn.registry import build_model
+from rsae.nn.sae import SparseAutoencoder, TrainingLoss
 
 D_IN, D_SAE, K = 32, 128, 4
 HOOK = "blocks.3.hook_resid_post"
+
+
+def tiny_lm(n_layers: int = 2, d_model: int = 16, d_vocab: int = 64, n_ctx: int = 64, seed: int = 0,
+            name: str | None = None) -> LanguageModel:
+    """A random TL-native transformer for unit tests (no tokenizer: BOS is token 0)."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = TransformerBridgeConfig(d_model=d_model, d_head=d_model // 2, n_heads=2, n_layers=n_layers, n_ctx=n_ctx,
+                                  d_vocab=d_vocab, d_mlp=4 * d_model, act_fn="gelu", normalization_type="LN",
+                                  seed=seed, model_name=name or f"tiny-{n_layers}l-{d_model}d-s{seed}")
+    bridge = TransformerBridge.boot_native(cfg)
+    bridge.eval()
+    return LanguageModel(bridge=bridge, tokenizer=None, name=cfg.model_name, n_layers=n_layers, d_model=d_model,
+                         d_vocab=d_vocab, bos_token_id=0, special_token_ids=frozenset({0}), source="native")
+
+
+def write_cache_from_arrays(out: str | os.PathLike[str], shards: list[tuple[np.ndarray, dict[str, Any]]], model: str,
+                            dtype: str = "float16", bos_token_id: int = 0, special_token_ids: tuple[int, ...] = (0,),
+                            corpus: str = "arrays") -> ActivationCache:
+    """Write a complete cache from in-memory shards `(tokens [n_seq, seq_len], {hook: acts [n_kept, d]})`
+    (for tests and benchmarks). Rows must follow the module's kept-position convention."""
+    store = Store(out)
+    store.makedirs()
+    if store.exists(MANIFEST):
+        raise CacheError(f"{store.url} already holds a cache; refusing to overwrite it")
+    hooks = list(shards[0][1])
+    d_model = int(next(iter(shards[0][1].values())).shape[1])
+    tokens0 = shards[0][0]
+    request = CacheRequest(out=store.url, model=model, hooks=tuple(hooks), corpus=corpus, seq_len=int(tokens0.shape[1]),
+                           sequences_per_shard=int(tokens0.shape[0]), dtype=dtype)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION, "model": model, "hooks": hooks, "dtype": dtype, "corpus": corpus,
+        "seq_len": request.seq_len, "sequences_per_shard": request.sequences_per_shard, "d_model": d_model,
+        "bos_token_id": bos_token_id, "special_token_ids": sorted(special_token_ids),
+        "storage_dtype": str(storage_dtype(dtype)), "complete": False, "shards": [],
+    }
+    special = np.asarray(sorted(special_token_ids))
+    for index, (tokens, acts) in enumerate(shards):
+        n_kept = int((~np.isin(tokens, special)).sum())
+        for hook, values in acts.items():
+            if values.shape != (n_kept, d_model):
+                raise CacheError(f"shard {index} hook {hook}: expected [{n_kept}, {d_model}] rows, got {values.shape}")
+        tensors = {h: torch.as_tensor(np.asarray(v, dtype=np.float32)) for h, v in acts.items()}
+        manifest["shards"].append(write_shard(store, index, torch.as_tensor(tokens), tensors, request))
+        store.write_atomic(MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    manifest["complete"] = True
+    store.write_atomic(MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    return ActivationCache(store.url)
 
 
 def make_sae(family: str, seed: int = 0, **overrides: object) -> SparseAutoencoder:

@@ -1,0 +1,236 @@
+"""`rsae quickstart`: the whole RSAE pipeline on the built-in model and text, with one table at the end.
+
+1. cache `--n-tokens` tokens of SmolLM2-135M's residual stream after block `--layer` (Shakespeare);
+2. train a baseline teacher (`--family`, default TopK) on them;
+3. stage 1: `RemezInit` + gate calibration of an RSAE (`--mode`, default masked) on the frozen teacher;
+4. stage 2: fine-tune the RSAE, and the control (the teacher, same recipe and steps);
+5. test all four (teacher, RSAE-init, RSAE, control) on held-out shards: MSE, explained variance, L0,
+   alive fraction, CE degradation and loss recovered with the SAE spliced into the LM.
+
+Each stage is the `rsae fit` of its YAML file in `configs/` (`<family>-teacher.yaml`, `-calibrate`, `-finetune`,
+`-control`; `evaluate.yaml` for the tests), with the quickstart's flags as overrides: the recipe lives in one
+place. `--print-configs` prints every stage's merged config and the equivalent `rsae fit` command. Every stage is
+resumable: a finished stage (its exported checkpoint folder) is reused, an interrupted one continues from its
+last Lightning checkpoint, and a second run reuses the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+STAGES = ("teacher", "rsae-init", "rsae", "control")
+CONFIG_OF_STAGE = {"teacher": "teacher", "rsae-init": "calibrate", "rsae": "finetune", "control": "control"}
+TABLE_METRICS = ["mse", "explained_variance", "l0", "alive_fraction", "ce_degradation", "loss_recovered"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output folder")
+    parser.add_argument("--model", default="smollm2-135m", help="LM: built-in name or a local HF folder")
+    parser.add_argument("--corpus", default="shakespeare", help="text: 'shakespeare' or a .txt/.jsonl file/folder")
+    parser.add_argument("--layer", type=int, default=15, help="residual stream after this block")
+    parser.add_argument("--n-tokens", type=int, default=204_800, help="tokens to cache (BOS included)")
+    parser.add_argument("--family", choices=("topk", "relu", "jumprelu"), default="topk", help="teacher family")
+    parser.add_argument("--mode", choices=("masked", "pure", "thresholded"), default="masked", help="RSAE gate mode")
+    parser.add_argument("--d-sae", type=int, default=4608, help="number of latents")
+    parser.add_argument("--k", type=int, default=32, help="active latents per token (topk)")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="sparsity coefficient (relu / jumprelu; default: the family's config)")
+    parser.add_argument("--teacher-epochs", type=float, default=10, help="passes over the training shards")
+    parser.add_argument("--finetune-epochs", type=float, default=4, help="fine-tuning passes (RSAE and control)")
+    parser.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
+    parser.add_argument("--ce-sequences", type=int, default=64, help="held-out sequences for the spliced CE")
+    parser.add_argument("--precision", default="bf16-mixed", help="trainer precision ('32-true' for fp32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--print-configs", action="store_true",
+                        help="print every stage's config (the YAML in configs/ with these flags applied) and stop")
+
+
+def config_file(name: str) -> Path:
+    """A config shipped with the package (`configs/<name>.yaml` in the source tree)."""
+    path = Path(str(resources.files("rsae") / "configs" / f"{name}.yaml"))
+    if not path.is_file():
+        raise FileNotFoundError(f"no config {path}; reinstall rsae (the configs ship with the package)")
+    return path
+
+
+def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` applied: mappings merge key by key, anything else (lists too) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def stage_configs(args: argparse.Namespace, steps: dict[str, int]) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """Per stage (and per evaluation, `test/<stage>`): its YAML file and the quickstart's overrides of it."""
+    out: Path = args.out
+    exported = {stage: str(out / stage / "sae") for stage in STAGES}
+    data = {"cache": str(out / "cache"), "batch_size": args.batch_size, "seed": args.seed, "verify": "header"}
+    family_args: dict[str, Any] = {"d_sae": args.d_sae, "seed": args.seed}
+    if args.family == "topk":
+        family_args["k"] = args.k
+    sparsity = {} if args.sparsity is None else {"sparsity_coefficient": args.sparsity}
+    model_args = {
+        "teacher": {**family_args, **sparsity},
+        "rsae-init": {"teacher": exported["teacher"], "mode": args.mode},
+        "rsae": {"init": exported["rsae-init"], **sparsity},
+        "control": {"init": exported["teacher"], **sparsity},
+    }
+    configs = {}
+    for stage in STAGES:
+        folder = out / stage
+        overrides = {
+            "seed_everything": args.seed,
+            "trainer": {
+                "max_steps": steps[stage], "precision": args.precision, "default_root_dir": str(folder),
+                "num_sanity_val_steps": 0, "enable_model_summary": False,
+                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                           "init_args": {"save_dir": str(folder), "name": "logs", "version": 0}},
+                "callbacks": [{"class_path": "rsae.train.progress.StepProgressBar"},
+                              {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                               "init_args": {"dirpath": str(folder / "checkpoints"), "save_last": True,
+                                             "every_n_train_steps": 50}}],
+            },
+            "model": {"init_args": {**model_args[stage], "export_dir": exported[stage],
+                                    "evaluation": {"ce_sequences": 0}}},
+            "data": data,
+        }
+        configs[stage] = (config_file(f"{args.family}-{CONFIG_OF_STAGE[stage]}"), overrides)
+        configs[f"test/{stage}"] = (config_file("evaluate"), {
+            "seed_everything": args.seed,
+            "trainer": {"precision": args.precision, "default_root_dir": str(out / "reports"),
+                        "callbacks": [{"class_path": "rsae.train.progress.StepProgressBar"}],
+                        "enable_model_summary": False},
+            "model": {"init_args": {"checkpoint": exported[stage], "name": stage, "evaluation": {
+                "report_dir": str(out / "reports" / stage), "ce_sequences": args.ce_sequences}}},
+            "data": data,
+        })
+    return configs
+
+
+def run(args: argparse.Namespace) -> int:
+    # Subnormal floats turn up in small CPU runs and slow them down up to 10x; off again afterwards, since
+    # the setting is global to the process (torch's default is off).
+    torch.set_flush_denormal(True)
+    try:
+        return _run(args)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rsae.data.caching import CacheRequest, build_cache
+
+    start = time.perf_counter()
+    out: Path = args.out
+    hook = f"blocks.{args.layer}.hook_resid_post"
+    sequences_per_shard = max(args.n_tokens // 128 // 10, 1)
+    if args.print_configs:
+        print_configs(args)
+        return 0
+    print(f"rsae quickstart: {args.model} {hook}, {args.n_tokens} tokens, {args.family} teacher "
+          f"(d_sae={args.d_sae}), RSAE mode {args.mode} -> {out}", flush=True)
+    build_cache(CacheRequest(out=str(out / "cache"), model=args.model, hooks=(hook,), corpus=args.corpus,
+                             n_tokens=args.n_tokens, sequences_per_shard=sequences_per_shard))
+    configs = stage_configs(args, _steps(args, steps_per_epoch(args)))
+
+    from rsae.cli.lightning import quiet_lightning
+    from rsae.eval.report import compare, plot_mse_vs_l0, read_report
+
+    with quiet_lightning():
+        for stage in STAGES:
+            fit_stage(stage, out / stage, *configs[stage])
+        reports = []
+        for stage in STAGES:
+            cli = _cli(*configs[f"test/{stage}"])
+            cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+            reports.append(read_report(out / "reports" / stage))
+    plot_mse_vs_l0(reports, out / "mse_vs_l0.png")
+    plot_training_curves({stage: out / stage for stage in STAGES}, out / "training_curves.png")
+    print("\n" + compare(reports, TABLE_METRICS))
+    print(f"\nreports, plots and checkpoints in {out}/ (gate shapes: {out}/reports/rsae/gate_shapes.png, "
+          f"training curves: {out}/training_curves.png); {time.perf_counter() - start:.0f} s in all")
+    return 0
+
+
+def steps_per_epoch(args: argparse.Namespace) -> int:
+    """Training batches per pass over the cache's training shards (estimated from --n-tokens before caching)."""
+    from rsae.data.cache import CacheError
+    from rsae.data.datamodule import ActivationDataModule
+
+    try:
+        data = ActivationDataModule(str(args.out / "cache"), batch_size=args.batch_size, val_shards=1, test_shards=1,
+                                    seed=args.seed, normalize=True, verify="header")
+    except CacheError:
+        return max(math.ceil(args.n_tokens * 8 // 10 * 127 // 128 / args.batch_size), 1)  # 8 of 10 shards train
+    return len(data.train_dataloader())
+
+
+def _steps(args: argparse.Namespace, steps_per_epoch: int) -> dict[str, int]:
+    epochs = {"teacher": args.teacher_epochs, "rsae-init": 0.25, "rsae": args.finetune_epochs,
+              "control": args.finetune_epochs}
+    return {stage: max(int(e * steps_per_epoch), 1) for stage, e in epochs.items()}
+
+
+def _cli(path: Path, overrides: dict[str, Any]) -> Any:
+    from rsae.cli.lightning import build_cli
+
+    return build_cli(merged(yaml.safe_load(path.read_text()), overrides), run=False)
+
+
+def fit_stage(name: str, folder: Path, path: Path, overrides: dict[str, Any]) -> None:
+    """Fit one stage unless its export exists; resume from its last Lightning checkpoint if one was left."""
+    from rsae.zoo.checkpoint import CONFIG_FILE
+
+    if (folder / "sae" / CONFIG_FILE).is_file():
+        print(f"[{name}] done already: {folder / 'sae'}", flush=True)
+        return
+    last = folder / "checkpoints" / "last.ckpt"
+    cli = _cli(path, overrides)
+    print(f"[{name}] {type(cli.model).__name__} ({path.name}): {cli.trainer.max_steps} steps of "
+          f"{cli.datamodule.batch_size} tokens" + (" (resuming)" if last.is_file() else ""), flush=True)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
+
+
+def print_configs(args: argparse.Namespace) -> None:
+    """Every stage's merged config, and the `rsae fit` / `rsae test` command that runs the same."""
+    estimated = not (args.out / "cache" / "manifest.json").is_file()
+    for stage, (path, overrides) in stage_configs(args, _steps(args, steps_per_epoch(args))).items():
+        command = "test" if stage.startswith("test/") else "fit"
+        flags = " ".join(f"--{key}={value}" for key, value in _flat(overrides) if not isinstance(value, list))
+        print(f"# {stage}: rsae {command} --config configs/{path.name} {flags} (callbacks as below)"
+              + ("  (max_steps estimated from --n-tokens)" if estimated and command == "fit" else ""))
+        print(yaml.safe_dump(merged(yaml.safe_load(path.read_text()), overrides), sort_keys=False))
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        items += _flat(value, name + ".") if isinstance(value, dict) else [(name, value)]
+    return items
+
+
+def plot_training_curves(folders: dict[str, Path], path: Path) -> None:
+    """Training MSE of every stage against step, from the stages' CSV logs."""
+    from rsae.eval.plots import plot_curves
+
+    runs = {}
+    for name, folder in folders.items():
+        log = folder / "logs" / "version_0" / "metrics.csv"
+        if log.is_file():
+            with log.open() as handle:
+                rows = [r for r in csv.DictReader(handle) if r.get("train/mse")]
+            if rows:
+                runs[name] = ([int(r["step"]) for r in rows], [float(r["train/mse"]) for r in rows])
+    plot_curves({"training MSE (normalised units)": runs}, path)
