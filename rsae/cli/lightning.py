@@ -21,10 +21,13 @@ from rsae.data.datamodule import ActivationDataModule
 from rsae.train.modules import SAEModule
 
 # Lightning's generic advice that does not apply here: ActivationDataModule is single-process and resumes
-# mid-epoch through its own state; the treespec notice is Lightning's own deprecation.
+# mid-epoch through its own state; GateCalibration keeps its frozen teacher in eval mode on purpose; the quickstart
+# runs LightningCLI in-process with its own arguments; the treespec notice is Lightning's own deprecation.
 IRRELEVANT_WARNINGS = ("Your `IterableDataset` has `__len__` defined", "You're resuming from a checkpoint that ended "
-                       "before", r".*isinstance\(treespec, LeafSpec\)")
-LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda")
+                       "before", r"Found \d+ module\(s\) in eval mode", "LightningCLI's args parameter is intended",
+                       r".*isinstance\(treespec, LeafSpec\)")
+LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                     "lightning.fabric.utilities.seed")
 
 
 class _OncePerMessage(logging.Filter):

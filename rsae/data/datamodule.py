@@ -348,11 +348,11 @@ class ActivationDataModule(pl.LightningDataModule):
         batch_size: tokens per batch (per rank).
         shuffle_buffer: rows shuffled together (token level) per window.
         shuffle_block: the shuffle moves runs of this many consecutive rows of a window (1: single rows).
-            Runs of 8 make the gather ~1.5x faster than single rows while each batch
-            still draws batch_size / 8 runs from all over the window, across shards.
+            Runs of consecutive rows make the gather cheaper than single rows (`benchmarks/bench_loader.py`)
+            while each batch still draws batch_size / 8 runs from all over the window, across shards.
         prefetch: batches prepared ahead in a background thread. None (default): 2 when the Trainer runs
             on an accelerator, where the thread overlaps the device's step; 0 on CPU, where it would compete
-            with the step for the same cores (measured: no gain in a CPU fit, ~2x slower delivery alone).
+            with the step for the same cores (`benchmarks/results/bench_loader.md`).
         val_shards / test_shards: shards held out from training (the last ones).
         seed: seeds the shard order and the shuffles (same seed, same data order).
         normalize / target_norm: scale activations to this mean L2 norm (default sqrt(d_in)).

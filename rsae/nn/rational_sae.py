@@ -141,7 +141,7 @@ class RSAE(SparseAutoencoder):
                 return _Encoded(self._masked_topk(*topk_relu(pre_acts, cfg.k)), pre_acts, None)
             # The gate runs on every entry, one fused pass each way, and the teacher's rule zeroes the inactive ones.
             # Gathering the few percent of active entries and scattering them back made the whole training step
-            # ~15% slower on CPU (bench_step) and needs a host sync on GPUs (nonzero).
+            # slower on CPU (benchmarks/bench_step.py) and needs a host sync on GPUs (nonzero).
             if cfg.family == "relu":
                 # Inside the gate's pass: a torch.where after it costs two more passes each way.
                 return _Encoded(Latents(self.gate(pre_acts, positive_support=True), None), pre_acts, None)

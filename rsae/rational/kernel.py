@@ -43,8 +43,8 @@ Eager autograd of the same expression saves ~20x the input for backward. Three b
 
 - ``cpu_kernel`` (CPU, fp32/bf16, row-major; the default there): hand-written C++ in
   :mod:`rsae.rational.cpu`, one pass over memory forward and one backward, every sum accumulated while
-  grad_x is written. At (4096, 16384) it takes 0.9-2.0x relu's fwd+bwd time (by CPU, dtype and
-  degree) at relu's peak memory.
+  grad_x is written (its time and memory against relu: ``benchmarks/bench_gate.py``, results in
+  ``benchmarks/results/bench_gate.md``).
 - ``compiled`` (everything else: GPU, fp16, fp64, feature-major input): the forward and backward bodies
   below, plain functions whose Horner loops unroll in Python over the degree, compiled with
   ``torch.compile`` (inductor: triton on GPU, vectorised C++/OpenMP on CPU) into fused kernels instead

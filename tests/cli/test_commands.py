@@ -75,3 +75,43 @@ def test_compare_labels_runs_by_their_distinct_path(tmp_path: Path, capsys: pyte
     assert capsys.readouterr().out.splitlines()[0].split() == ["metric", "teacher", "control", "control", "(2)"]
     assert main(["compare", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("rsae compare: error: no report")
+
+
+def test_hooks_lists_every_hook_point(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from rsae.cli import hooks
+
+    from helpers import tiny_lm
+
+    monkeypatch.setattr(hooks, "load_lm", lambda spec, verbose: tiny_lm(n_layers=2))
+    assert main(["hooks", "tiny", "--grep", "resid_post"]) == 0
+    assert capsys.readouterr().out.split() == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+def test_quiet_lightning_prints_device_lines_once_and_restores_everything() -> None:
+    import logging
+    import warnings
+
+    from rsae.cli.lightning import quiet_lightning
+
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    filters = list(warnings.filters)
+    try:
+        with quiet_lightning():
+            for _ in range(3):
+                logger.info("GPU available: False, used: False")
+            logger.info("💡 Tip: something to buy")
+        logger.info("GPU available: False, used: False")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert records == ["GPU available: False, used: False"] * 2
+    assert warnings.filters == filters

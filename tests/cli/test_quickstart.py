@@ -32,3 +32,31 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path: Path, capsys: pytest.
     assert main(["quickstart", "--out", str(out), *SMALL]) == 0  # a second run reuses cache and stages
     again = capsys.readouterr().out
     assert "nothing to do" in again and all(f"[{run}] done already" in again for run in RUNS)
+
+
+def test_print_configs_shows_each_stage_as_its_yaml_with_the_flags_applied(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from rsae.cli.quickstart import config_file
+
+    assert main(["quickstart", "--print-configs", "--out", str(tmp_path / "qs"), "--family", "relu",
+                 "--sparsity", "3", "--mode", "thresholded", "--n-tokens", "40960", "--batch-size", "1024"]) == 0
+    out = capsys.readouterr().out
+    blocks = [b for b in out.split("# ") if b.strip()]
+    headers = [b.splitlines()[0] for b in blocks]
+    assert [h.split(":")[0] for h in headers] == ["teacher", "test/teacher", "rsae-init", "test/rsae-init", "rsae",
+                                                  "test/rsae", "control", "test/control"]
+    assert headers[0].startswith("teacher: rsae fit --config configs/relu-teacher.yaml ")
+    assert "--model.init_args.sparsity_coefficient=3.0" in headers[0] and "estimated" in headers[0]
+    configs = {h.split(":")[0]: yaml.safe_load(b.split("\n", 1)[1]) for h, b in zip(headers, blocks, strict=True)}
+    shipped = yaml.safe_load(config_file("relu-teacher").read_text())
+    teacher = configs["teacher"]["model"]["init_args"]
+    # The recipe comes from the shipped YAML; only the flags and the run's paths are overridden.
+    assert teacher["lr"] == shipped["model"]["init_args"]["lr"] and teacher["sparsity_coefficient"] == 3.0
+    assert teacher["warmup_steps"] == shipped["model"]["init_args"]["warmup_steps"]
+    assert configs["teacher"]["trainer"]["max_steps"] == 10 * 32  # 10 epochs of 8 shards' 127/128 of 40960 tokens
+    assert configs["rsae-init"]["model"]["init_args"]["mode"] == "thresholded"
+    assert configs["control"]["model"]["init_args"]["init"] == str(tmp_path / "qs" / "teacher" / "sae")
+    assert configs["test/rsae"]["model"]["class_path"] == "rsae.train.Evaluation"
+    assert not (tmp_path / "qs").exists()  # printing runs nothing

@@ -94,7 +94,7 @@ def test_unknown_hook_names_the_closest_and_how_to_list_all(tmp_path, lm):  # ty
         build_cache(request(tmp_path, lm, hooks=("blocks.9.hook_resid_post",)), lm=lm, log=lambda *a: None)
     message = str(error.value)
     assert "unknown hook point(s) blocks.9.hook_resid_post" in message and "\n" not in message
-    assert "closest: blocks.0.hook_resid_post" in message and "`rsae hooks " in message
+    assert "closest: blocks.2.hook_resid_post, " in message and "`rsae hooks " in message
     assert len(message) < 400  # a few suggestions, not the ~100 hook points of the model
 
 

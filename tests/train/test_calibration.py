@@ -174,3 +174,30 @@ def test_evaluate_conventions(teachers, stream) -> None:
     one_zero = evaluate_against_teacher(silent, teacher, held_out[:10])
     assert one_zero["cosine"] == 0.0
 
+
+
+@pytest.mark.parametrize("mode", ["masked", "pure", "thresholded"])
+def test_calibration_and_gate_calibration_optimise_the_same_objective(mode, teachers, stream, tmp_path) -> None:
+    """Calibration's gate L2 and `GateCalibration`'s loss are one objective (`rsae.nn.rational_sae.gate_l2` of
+    `RSAE.gate_codes`): equal on the same rows, in every mode, and in thresholded mode not the codes after the
+    zero band (which a re-implementation through `activate` would measure)."""
+    import rsae
+    from rsae.train.calibration import _gate_l2, _refine_data
+    from rsae.train.modules import GateCalibration
+
+    teacher, (_, calib, held_out) = teachers["relu"], stream
+    model = _build(teacher, mode, calib)
+    calibrate(model, teacher, calib, refine_steps=20)
+    if mode == "thresholded":
+        model.cfg.threshold_eps = 0.05  # a band that cuts entries the gate alone would keep
+    rsae.save(teacher, tmp_path / "teacher")
+    module = GateCalibration(teacher=str(tmp_path / "teacher"), mode=mode)
+    module.sae.load_state_dict(model.state_dict())
+    module.sae.cfg.threshold_eps = model.cfg.threshold_eps
+    h, target, weight = _refine_data(teacher, held_out)
+    expected = _gate_l2(module.sae, h, target, weight)
+    _, logs = module.loss(held_out)
+    assert float(logs["relative_loss"]) == pytest.approx(expected, rel=1e-5)
+    if mode == "thresholded":
+        banded = module.sae.activate(h).dense(module.sae.cfg.d_sae)
+        assert not torch.equal(banded, module.sae.gate_codes(h))  # the band is active, and left out of both

@@ -252,3 +252,37 @@ def test_ddp_ranks_read_disjoint_data_and_end_with_identical_weights(tmp_path: P
     assert ranks[0]["weights"] == ranks[1]["weights"]
     rows = [set(r["rows"]) for r in ranks]
     assert len(ranks[0]["rows"]) == len(rows[0]) == 8 * 64 and not rows[0] & rows[1]
+
+
+def test_evaluation_refuses_non_finite_activations_naming_the_batch(teacher: Path) -> None:
+    module = Evaluation(checkpoint=str(teacher), evaluation=NO_CE)
+    x = torch.randn(64, D_IN)
+    x[5, 3] = float("nan")
+    x[9, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"test batch 7 holds NaN/Inf activations in 2 of 64 rows"):
+        module.test_step(x, 7)
+    with pytest.raises(ValueError, match=r"validation batch 0 holds NaN/Inf"):
+        module.validation_step((x, torch.zeros(64)), 0)
+
+
+def test_fit_errors_are_one_line_with_exit_2(cache: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "fit.yaml", str(tmp_path / "no-cache"), run, teacher_model(run))
+    assert main(["fit", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rsae fit: error: ") and "no activation cache" in err and "rsae cache" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    with pytest.raises(Exception, match="no activation cache"):
+        main(["fit", "--config", str(config), "--debug"])
+
+
+def test_step_progress_bar_shows_the_step_budget() -> None:
+    from types import SimpleNamespace
+
+    from rsae.train.progress import StepProgressBar
+
+    bar = StepProgressBar()
+    bar._trainer = SimpleNamespace(max_steps=2000, global_step=1200, max_epochs=None)
+    assert bar._get_train_description(2) == "Epoch 2 · step 1200/2000"
+    bar._trainer = SimpleNamespace(max_steps=-1, global_step=5, max_epochs=3)
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"
