@@ -87,6 +87,8 @@ LANGUAGES = ("de", "es", "fr", "id", "pt_BR", "ru")
 MANIFEST = "manifest.json"
 CACHE_VERSION = 1
 
+# The pinned source distributions (sha256: PyPI's digest of the archive). Horizon, OpenStack's dashboard, ships
+# gettext catalogs for dozens of languages next to its own Python, JavaScript, HTML and docs; psutil ships C.
 HORIZON = Archive(
     "horizon", "27.0.0",
     "https://files.pythonhosted.org/packages/0c/9e/2bcfde737388940a9b45c98852e5d87ce37eac9f471bf8678be101ef533e/"

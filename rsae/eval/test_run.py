@@ -62,6 +62,7 @@ class TestRun:
         self.config, self.sae, self.name, self.checkpoint = config, sae, name, checkpoint
         self.pre_acts: list[Tensor] = []
         self.kept = 0
+        self.probing_tasks: list[dict[str, Any]] | None = None
 
     def observe(self, pre_acts: Tensor) -> None:
         if self.kept < self.config.pre_act_sample:
@@ -111,6 +112,7 @@ class TestRun:
         sae = self.sae
         folder = self.config.probing_dir or cache_dir() / "probing"
         activations = probing_activations(lm, sae.cfg.hook_name, build_tasks(), folder)
+        self.probing_tasks = [task.task for task in activations.values()]  # sources, sizes, content hashes
         encode = sae.encode
         return {"sae": sparse_probing(activations, encode, scale=sae.input_scale),
                 "lm": sparse_probing(activations, None)}
@@ -127,7 +129,7 @@ class TestRun:
             teacher = _teacher_of(sae)
             curves = gate_curves(sae, teacher, features=self.config.gate_features, pre_acts=pre_acts)
         data = {**getattr(datamodule, "metadata", dict)(), "split": "test" if datamodule.test_shard_ids else "val",
-                "n_tokens": n_tokens, "evaluation": asdict(self.config)}
+                "n_tokens": n_tokens, "evaluation": asdict(self.config), "probing_tasks": self.probing_tasks}
         return make_report(self.name, sae, values, data, checkpoint=self.checkpoint,
                            density_histogram=histogram, probing=probing, gate_curves=curves)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Family = Literal["relu", "jumprelu", "topk"]
+InputNormalization = Literal["none", "layer_norm"]
 Architecture = Literal["relu", "jumprelu", "topk", "rsae"]
 GateMode = Literal["masked", "pure", "thresholded"]
 CoefficientSharing = Literal["shared", "group", "feature"]
@@ -22,6 +23,7 @@ ARCHITECTURES: tuple[str, ...] = (*FAMILIES, "rsae")
 GATE_MODES: tuple[str, ...] = ("masked", "pure", "thresholded")
 COEFFICIENT_SHARINGS: tuple[str, ...] = ("shared", "group", "feature")
 DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
+INPUT_NORMALIZATIONS: tuple[str, ...] = ("none", "layer_norm")
 
 
 @dataclass
@@ -80,6 +82,19 @@ class SAEConfig:
     dtype: str = "float32"
     """Storage dtype of the parameters."""
 
+    apply_b_dec_to_input: bool = True
+    """Subtract b_dec from the input before encoding (SAELens' flag of the same name; the usual recipe). Gemma
+    Scope's JumpReLU SAEs encode the raw input: False."""
+
+    input_normalization: InputNormalization = "none"
+    """'layer_norm': every token is centred and divided by its unbiased standard deviation plus 1e-5 before
+    encoding, and the reconstruction is scaled back (OpenAI's TopK SAEs; SAELens' `layer_norm`). 'none': no
+    per-token normalisation (a constant normalisation factor is folded into the weights instead)."""
+
+    source: dict[str, Any] = field(default_factory=dict)
+    """Where the weights came from, for an imported SAE: format, path or Hub repo and revision, file hashes,
+    licence, and the LM processing the teacher was trained under (`rsae.zoo.importers` fills it)."""
+
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (training run, data, normalisation factor) carried into cfg.json."""
 
@@ -126,6 +141,8 @@ class SAEConfig:
             raise bad("threshold_eps/l0_tolerance", (self.threshold_eps, self.l0_tolerance), "non-negative floats")
         if self.dtype not in DTYPES:
             raise bad("dtype", self.dtype, f"one of {DTYPES}")
+        if self.input_normalization not in INPUT_NORMALIZATIONS:
+            raise bad("input_normalization", self.input_normalization, f"one of {INPUT_NORMALIZATIONS}")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

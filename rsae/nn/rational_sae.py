@@ -122,16 +122,19 @@ class RSAE(SparseAutoencoder):
         return self._activate(pre_acts).latents
 
     def run(self, x: Tensor) -> SAEOutput:
-        encoded = self._encode(self.check_input(x))
-        return SAEOutput(self.decode_latents(encoded.latents), encoded.latents, encoded.pre_acts)
+        x_in, normalization = self.prepare(x)
+        encoded = self._encode(x_in)
+        x_hat = self.restore(self.decode_latents(encoded.latents), normalization)
+        return SAEOutput(x_hat, encoded.latents, encoded.pre_acts)
 
-    def _encode(self, x: Tensor) -> _Encoded:
+    def _encode(self, x_in: Tensor) -> _Encoded:
+        """Codes of inputs already in the SAE's input space (`prepare`)."""
         if self.cfg.mode == "masked" and self.cfg.family == "topk":
             # Sparse fast path: only the k selected latents per token reach the gate and the backward.
             assert self.cfg.k is not None
-            values, indices, pre_acts = topk_encode(x.to(self.dtype) - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+            values, indices, pre_acts = topk_encode(self.centered(x_in), self.W_enc, self.b_enc, self.cfg.k)
             return _Encoded(self._masked_topk(values, indices), pre_acts, None)
-        return self._activate(self.pre_activations(x))
+        return self._activate(self.centered(x_in) @ self.W_enc + self.b_enc)
 
     def _activate(self, pre_acts: Tensor) -> _Encoded:
         cfg = self.cfg
@@ -182,8 +185,10 @@ class RSAE(SparseAutoencoder):
         L1, JumpReLU L0 through the straight-through estimator, TopK's AuxK); pure uses decoder-weighted
         L1; thresholded penalises L0 of its hard zero, whose straight-through gradient reaches the gate."""
         x = self.check_input(x)
-        encoded = self._encode(x)
-        x_hat = self.decode_latents(encoded.latents)
+        x_in, normalization = self.prepare(x)
+        encoded = self._encode(x_in)
+        x_hat_in = self.decode_latents(encoded.latents)
+        x_hat = self.restore(x_hat_in, normalization)
         output = SAEOutput(x_hat, encoded.latents, encoded.pre_acts)
         mse = reconstruction_mse(x, x_hat)
         zero = mse.new_zeros(())
@@ -198,7 +203,7 @@ class RSAE(SparseAutoencoder):
         elif cfg.family == "jumprelu":
             sparsity = step(encoded.pre_acts, self.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
         else:
-            auxk = dead_latent_auxk(x.to(self.dtype) - self.b_dec, x.float() - x_hat.float(), self, dead_mask)
+            auxk = dead_latent_auxk(self.centered(x_in), x_in.float() - x_hat_in.float(), self, dead_mask)
         total = mse + sparsity_coefficient * sparsity + auxk_coefficient * auxk
         return TrainingLoss(total, mse, sparsity, auxk, output)
 

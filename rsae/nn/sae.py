@@ -2,6 +2,12 @@
 
 Families differ only in `activate` (the gate and its support rule) and in `training_loss` (the
 sparsity term). The attributes and methods here are SAEBench's custom-SAE contract.
+
+Two config options cover the public formats that differ from that shape: `apply_b_dec_to_input=False`
+encodes `x @ W_enc + b_enc` (Gemma Scope), and `input_normalization="layer_norm"` normalises every token
+before encoding and scales the reconstruction back (OpenAI's TopK SAEs). `run` and `forward` work on raw
+activations either way; `decode(z)` of a layer-norm SAE returns the normalised-space reconstruction (the
+token statistics that undo the normalisation belong to `x`, which `decode` does not see).
 """
 
 from __future__ import annotations
@@ -37,6 +43,17 @@ class Latents(NamedTuple):
         """Mean number of active latents per token; active means |z| > tolerance (exact when 0)."""
         active = self.values.abs() > tolerance
         return active.sum(-1).float().mean()
+
+
+LAYER_NORM_EPS = 1e-5
+"""Added to the per-token standard deviation by `input_normalization="layer_norm"` (OpenAI's and SAELens' value)."""
+
+
+class TokenNormalization(NamedTuple):
+    """Per-token statistics [N, 1] of a layer-norm SAE's input, to scale its reconstruction back."""
+
+    mean: Tensor
+    std: Tensor
 
 
 class SAEOutput(NamedTuple):
@@ -91,8 +108,31 @@ class SparseAutoencoder(nn.Module, ABC):
             )
         return x.reshape(-1, self.cfg.d_in)
 
+    def prepare(self, x: Tensor) -> tuple[Tensor, TokenNormalization | None]:
+        """Raw activations [..., d_in] to the SAE's input space [N, d_in], and what undoes the normalisation
+        (None unless `input_normalization="layer_norm"`, when `x` itself is returned)."""
+        x = self.check_input(x)
+        if self.cfg.input_normalization == "none":
+            return x, None
+        mean = x.float().mean(-1, keepdim=True)
+        centred = x.float() - mean
+        std = centred.std(-1, keepdim=True)
+        return (centred / (std + LAYER_NORM_EPS)).to(x.dtype), TokenNormalization(mean, std)
+
+    def restore(self, x_hat: Tensor, normalization: TokenNormalization | None) -> Tensor:
+        """A reconstruction in the SAE's input space back in raw units."""
+        if normalization is None:
+            return x_hat
+        return (x_hat.float() * (normalization.std + LAYER_NORM_EPS) + normalization.mean).to(x_hat.dtype)
+
+    def centered(self, x_in: Tensor) -> Tensor:
+        """The encoder's input: `x_in - b_dec`, or `x_in` itself when `cfg.apply_b_dec_to_input` is False."""
+        x_in = x_in.to(self.dtype)
+        return x_in - self.b_dec if self.cfg.apply_b_dec_to_input else x_in
+
     def pre_activations(self, x: Tensor) -> Tensor:
-        return (x.to(self.dtype) - self.b_dec) @ self.W_enc + self.b_enc
+        """Encoder pre-activations h [N, d_sae] of raw activations x."""
+        return self.centered(self.prepare(x)[0]) @ self.W_enc + self.b_enc
 
     @abstractmethod
     def activate(self, pre_acts: Tensor) -> Latents:
@@ -100,10 +140,10 @@ class SparseAutoencoder(nn.Module, ABC):
 
     def run(self, x: Tensor) -> SAEOutput:
         """Encode and decode a batch [N, d_in], keeping everything training and metrics need."""
-        x = self.check_input(x)
-        pre_acts = self.pre_activations(x)
+        x_in, normalization = self.prepare(x)
+        pre_acts = self.centered(x_in) @ self.W_enc + self.b_enc
         latents = self.activate(pre_acts)
-        return SAEOutput(self.decode_latents(latents), latents, pre_acts)
+        return SAEOutput(self.restore(self.decode_latents(latents), normalization), latents, pre_acts)
 
     def decode_latents(self, latents: Latents) -> Tensor:
         if latents.indices is None:
@@ -115,7 +155,7 @@ class SparseAutoencoder(nn.Module, ABC):
     def encode(self, x: Tensor) -> Tensor:
         """Dense latent codes [..., d_sae]."""
         lead = x.shape[:-1]
-        latents = self.activate(self.pre_activations(self.check_input(x)))
+        latents = self.activate(self.pre_activations(x))
         return latents.dense(self.cfg.d_sae).reshape(*lead, self.cfg.d_sae)
 
     def decode(self, z: Tensor) -> Tensor:
@@ -163,7 +203,8 @@ class SparseAutoencoder(nn.Module, ABC):
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"input scale must be a positive finite number, got {scale}")
         c = scale / self.input_scale
-        if c != 1.0:
+        # A layer-norm SAE is scale-free already: its input is normalised and its output scaled back per token.
+        if c != 1.0 and self.cfg.input_normalization == "none":
             self.W_enc.div_(c)
             self.W_dec.mul_(c)
             self.b_dec.mul_(c)

@@ -73,7 +73,9 @@ class TopKSAE(SparseAutoencoder):
         return Latents(*topk_relu(pre_acts, self.cfg.k))
 
     def run(self, x: Tensor) -> SAEOutput:
-        return self._run_centered(self.check_input(x).to(self.dtype) - self.b_dec)
+        x_in, normalization = self.prepare(x)
+        output = self._run_centered(self.centered(x_in))
+        return output._replace(x_hat=self.restore(output.x_hat, normalization))
 
     def _run_centered(self, x_centered: Tensor) -> SAEOutput:
         values, indices, pre_acts = topk_encode(x_centered, self.W_enc, self.b_enc, self.cfg.k)
@@ -88,8 +90,10 @@ class TopKSAE(SparseAutoencoder):
         auxk_coefficient: float = 1 / 32,
     ) -> TrainingLoss:
         x = self.check_input(x)
-        x_centered = x.to(self.dtype) - self.b_dec
+        x_in, normalization = self.prepare(x)
+        x_centered = self.centered(x_in)
         output = self._run_centered(x_centered)
+        auxk = dead_latent_auxk(x_centered, x_in.float() - output.x_hat.float(), self, dead_mask)
+        output = output._replace(x_hat=self.restore(output.x_hat, normalization))
         mse = reconstruction_mse(x, output.x_hat)
-        auxk = dead_latent_auxk(x_centered, x.float() - output.x_hat.float(), self, dead_mask)
         return TrainingLoss(mse + auxk_coefficient * auxk, mse, mse.new_zeros(()), auxk, output)

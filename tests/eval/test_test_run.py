@@ -54,6 +54,9 @@ def test_rsae_test_writes_metrics_ce_probing_and_plots(tmp_path: Path, monkeypat
         assert printed[f"test/{key}"] == pytest.approx(metrics[key])
     assert metrics["l0"] == pytest.approx(4.0) and report["data"]["n_tokens"] == 16 * 31
     assert set(report["probing"]) == {"sae", "lm"} and "language_id" in report["probing"]["sae"]
+    tasks = {task["name"]: task for task in report["data"]["probing_tasks"]}  # each task's content hash and sources
+    assert set(tasks) == set(report["probing"]["sae"]) - {"mean"}
+    assert all(len(task["fingerprint"]) == 64 and task["sources"] for task in tasks.values())
     assert "test/probing_lm_full" in printed and 0 <= printed["test/probing_sae_k=1"] <= 1
     assert report["gate_curves"]["teacher"] is not None and report["density_histogram"]["dead"] >= 0
     for plot in ("density.png", "gate_shapes.png", "report.md"):
