@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from rsae._io import cache_dir
-
 from rsae.eval.metrics import SAEMetrics
 from rsae.nn.sae import SparseAutoencoder
 

@@ -3,7 +3,8 @@
 In the spirit of EleutherAI sparsify's fused encoder, a training step costs one dense matmul (the
 encoder forward, which top-k needs in full) instead of the six of dense autograd. Gradients that
 scatter into weight rows are sparse-dense products (`torch.sparse.mm` of a COO pattern), which on CPU
-beat `index_add_` of materialised `[N, k, d]` outer products for the same result (`benchmarks/bench_topk.py`). Used by the TopK SAE and by an RSAE on a TopK teacher.
+beat `index_add_` of materialised `[N, k, d]` outer products for the same result
+(`benchmarks/bench_topk.py`). Used by the TopK SAE and by an RSAE on a TopK teacher.
 """
 
 from __future__ import annotations

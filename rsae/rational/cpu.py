@@ -2,7 +2,8 @@
 
 Why a hand-written kernel: inductor's backward makes two passes over memory on row-major input (see
 :mod:`rsae.rational.kernel`), a multiple of relu's time on CPU. The C++ kernel makes one pass
-forward and one backward. It has no torch headers, so the system C++ compiler builds it quickly; the shared library is cached under ``<rsae cache>/kernels`` keyed by source, compiler, flags
+forward and one backward. It has no torch headers, so the system C++ compiler builds it quickly; the
+shared library is cached under ``<rsae cache>/kernels`` keyed by source, compiler, flags
 and CPU, and written atomically. It covers fp32 and bf16 inputs with unit column stride on CPU;
 everything else (GPU, fp16, fp64, other layouts) takes the compiled or eager bodies. If no compiler
 is found or the build fails, :func:`library` warns once and returns None, and the gate falls back.

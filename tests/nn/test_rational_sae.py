@@ -50,7 +50,7 @@ def test_pure_mode_imitates_the_teacher_within_the_fit_error(family: str) -> Non
     # and leave out the jump's gap, where the fit is only bounded.
     scale = model.gate.scale_out.detach()
     threshold = getattr(teacher, "threshold", torch.zeros(D_SAE)).detach()
-    # Latents whose threshold sits at or near 0 get a floored scale (see rsae.nn.thresholds.threshold_scales): not exact.
+    # Latents whose threshold sits at or near 0 get a floored scale (rsae.nn.thresholds.threshold_scales): not exact.
     mapped = (scale * fit.threshold - threshold).abs() < 1e-6 if family == "jumprelu" else torch.ones(D_SAE, dtype=bool)
     assert mapped.float().mean() > 0.5
     inside = (pre.abs() <= scale) & ((pre - threshold).abs() > fit.gap * scale) & mapped

@@ -79,8 +79,9 @@ def build_checked(imported: Imported, where: str) -> SparseAutoencoder:
                              f"unexpected {unexpected}")
     for key, tensor in imported.state_dict.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise SAEImportError(f"{where}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
-                                 f" for d_in={imported.cfg.d_in}, d_sae={imported.cfg.d_sae}")
+            want = tuple(expected[key].shape)
+            raise SAEImportError(f"{where}: {key} has shape {tuple(tensor.shape)}, expected {want} for "
+                                 f"d_in={imported.cfg.d_in}, d_sae={imported.cfg.d_sae}")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise SAEImportError(f"{where}: {key} holds NaN/Inf values; the file is corrupt or was saved mid-training")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in imported.state_dict.items()})
