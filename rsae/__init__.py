@@ -8,6 +8,7 @@ in `rsae.eval`.
 from rsae.nn import RSAE, JumpReLUSAE, Latents, ReLUSAE, SAEConfig, SAEOutput, SparseAutoencoder, TopKSAE, TrainingLoss
 from rsae.rational import RationalGate
 from rsae.zoo import CheckpointError, load, save
+from rsae.zoo.importers import SAEImportError, import_sae
 
 __version__ = "0.1.0"
 
@@ -17,12 +18,14 @@ __all__ = [
     "JumpReLUSAE",
     "Latents",
     "RationalGate",
+    "SAEImportError",
     "ReLUSAE",
     "SAEConfig",
     "SAEOutput",
     "SparseAutoencoder",
     "TopKSAE",
     "TrainingLoss",
+    "import_sae",
     "load",
     "save",
 ]

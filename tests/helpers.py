@@ -41,6 +41,26 @@ def tiny_lm(n_layers: int = 2, d_model: int = 16, d_vocab: int = 64, n_ctx: int 
                          d_vocab=d_vocab, bos_token_id=0, special_token_ids=frozenset({0}), source="native")
 
 
+def tiny_hf_lm(folder: Path, n_layers: int = 2, d_model: int = 32, seed: int = 0) -> Path:
+    """A random GPT-2-architecture LM with a byte-level BPE tokenizer trained on a few sentences, saved as a local
+    Hugging Face folder (`load_lm(folder)` boots it through `TransformerBridge.boot_transformers`)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    texts = ["The quick brown fox jumps over the lazy dog. " * 20, "To be, or not to be, that is the question. " * 20]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
+                                        eos_token="<|endoftext|>")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=d_model,
+                                           n_layer=n_layers, n_head=2, bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def write_cache_from_arrays(out: str | os.PathLike[str], shards: list[tuple[np.ndarray, dict[str, Any]]], model: str,
                             dtype: str = "float16", bos_token_id: int = 0, special_token_ids: tuple[int, ...] = (0,),
                             corpus: str = "arrays") -> ActivationCache:

@@ -19,12 +19,17 @@ LIGHTNING_HELP = {"fit": "train a stage from a YAML config (LightningCLI; see co
                   "test": "evaluate and write a report: metrics, spliced CE, probing, plots (LightningCLI)"}
 COMMANDS: dict[str, str] = {
     "quickstart": "run the whole pipeline on built-in data and print a table",
+    "upgrade": "the same pipeline for an SAE you have: import it, calibrate, fine-tune, compare",
+    "import": "import an SAE from a public format (SAELens, sparsify, dictionary_learning, Gemma Scope, OpenAI)",
+    "export": "export an rsae checkpoint to another library's format (SAELens)",
     "remez": "fit the pole-free rational to a gate by relaxed Remez exchange",
     "cache": "cache LM activations (resumable, checksummed shards)",
     "hooks": "list the hook points of a language model",
     "compare": "print the reports of several runs side by side",
 }
 """argparse subcommands; each is the module `rsae.cli.<name>` with `add_arguments(parser)` and `run(args)`."""
+MODULES = {"import": "import_sae"}
+"""Commands whose module name differs (`import` is a Python keyword)."""
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -37,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, what in COMMANDS.items():
         sub = commands.add_parser(name, help=what)
-        module = importlib.import_module(f"rsae.cli.{name}")
+        module = importlib.import_module(f"rsae.cli.{MODULES.get(name, name)}")
         module.add_arguments(sub)
         sub.set_defaults(handler=module.run)
     for name, what in LIGHTNING_HELP.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from rsae.data.cache import CACHE_DTYPES
 from rsae.data.caching import CacheRequest, build_cache
@@ -27,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-nonfinite", action="store_true", help="keep NaN/Inf activations (counted)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--lm-processing", type=json.loads, default=None, metavar="JSON",
+                        help="HookedTransformer weight processing of the LM, e.g. '{\"center_writing_weights\": true}' "
+                             "(what SAELens-trained SAEs expect; default: the model's own weights)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +38,6 @@ def run(args: argparse.Namespace) -> int:
                            corpus=args.corpus, n_tokens=args.n_tokens, seq_len=args.seq_len,
                            sequences_per_shard=args.sequences_per_shard, batch_size=args.batch_size,
                            dtype=args.dtype, autocast_bf16=args.autocast_bf16, allow_nonfinite=args.allow_nonfinite,
-                           device=args.device, progress=args.progress)
+                           device=args.device, progress=args.progress, lm_processing=args.lm_processing)
     build_cache(request)
     return 0

@@ -76,10 +76,10 @@ def stage_configs(args: argparse.Namespace, steps: dict[str, int]) -> dict[str, 
     out: Path = args.out
     exported = {stage: str(out / stage / "sae") for stage in STAGES}
     data = {"cache": str(out / "cache"), "batch_size": args.batch_size, "seed": args.seed, "verify": "header"}
-    family_args: dict[str, Any] = {"d_sae": args.d_sae, "seed": args.seed}
+    family_args: dict[str, Any] = {"d_sae": getattr(args, "d_sae", None), "seed": args.seed}
     if args.family == "topk":
-        family_args["k"] = args.k
-    sparsity = {} if args.sparsity is None else {"sparsity_coefficient": args.sparsity}
+        family_args["k"] = getattr(args, "k", None)
+    sparsity = {} if getattr(args, "sparsity", None) is None else {"sparsity_coefficient": args.sparsity}
     model_args = {
         "teacher": {**family_args, **sparsity},
         "rsae-init": {"teacher": exported["teacher"], "mode": args.mode},
@@ -132,23 +132,32 @@ def _run(args: argparse.Namespace) -> int:
     from rsae.data.caching import CacheRequest, build_cache
 
     start = time.perf_counter()
-    out: Path = args.out
     hook = f"blocks.{args.layer}.hook_resid_post"
-    sequences_per_shard = max(args.n_tokens // 128 // 10, 1)
     if args.print_configs:
         print_configs(args)
         return 0
     print(f"rsae quickstart: {args.model} {hook}, {args.n_tokens} tokens, {args.family} teacher "
-          f"(d_sae={args.d_sae}), RSAE mode {args.mode} -> {out}", flush=True)
-    build_cache(CacheRequest(out=str(out / "cache"), model=args.model, hooks=(hook,), corpus=args.corpus,
-                             n_tokens=args.n_tokens, sequences_per_shard=sequences_per_shard))
-    configs = stage_configs(args, _steps(args, steps_per_epoch(args)))
+          f"(d_sae={args.d_sae}), RSAE mode {args.mode} -> {args.out}", flush=True)
+    build_cache(CacheRequest(out=str(args.out / "cache"), model=args.model, hooks=(hook,), corpus=args.corpus,
+                             n_tokens=args.n_tokens, sequences_per_shard=sequences_per_shard(args)))
+    run_pipeline(args, STAGES, start)
+    return 0
 
+
+def sequences_per_shard(args: argparse.Namespace) -> int:
+    """Ten shards of 128-token sequences: eight train, one validates, one tests."""
+    return max(args.n_tokens // 128 // 10, 1)
+
+
+def run_pipeline(args: argparse.Namespace, fit: tuple[str, ...], start: float) -> None:
+    """Fit the `fit` stages from their configs (a finished stage is reused), test all four, print the table."""
     from rsae.cli.lightning import quiet_lightning
     from rsae.eval.report import compare, plot_mse_vs_l0, read_report
 
+    out: Path = args.out
+    configs = stage_configs(args, _steps(args, steps_per_epoch(args)))
     with quiet_lightning():
-        for stage in STAGES:
+        for stage in fit:
             fit_stage(stage, out / stage, *configs[stage])
         reports = []
         for stage in STAGES:
@@ -160,7 +169,6 @@ def _run(args: argparse.Namespace) -> int:
     print("\n" + compare(reports, TABLE_METRICS))
     print(f"\nreports, plots and checkpoints in {out}/ (gate shapes: {out}/reports/rsae/gate_shapes.png, "
           f"training curves: {out}/training_curves.png); {time.perf_counter() - start:.0f} s in all")
-    return 0
 
 
 def steps_per_epoch(args: argparse.Namespace) -> int:
@@ -177,7 +185,7 @@ def steps_per_epoch(args: argparse.Namespace) -> int:
 
 
 def _steps(args: argparse.Namespace, steps_per_epoch: int) -> dict[str, int]:
-    epochs = {"teacher": args.teacher_epochs, "rsae-init": 0.25, "rsae": args.finetune_epochs,
+    epochs = {"teacher": getattr(args, "teacher_epochs", 0), "rsae-init": 0.25, "rsae": args.finetune_epochs,
               "control": args.finetune_epochs}
     return {stage: max(int(e * steps_per_epoch), 1) for stage, e in epochs.items()}
 
@@ -202,11 +210,14 @@ def fit_stage(name: str, folder: Path, path: Path, overrides: dict[str, Any]) ->
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
 
 
-def print_configs(args: argparse.Namespace) -> None:
-    """Every stage's merged config, and the `rsae fit` / `rsae test` command that runs the same."""
+def print_configs(args: argparse.Namespace, fit: tuple[str, ...] = STAGES) -> None:
+    """Every stage's merged config (of the `fit` stages, and every test), and the `rsae fit` / `rsae test`
+    command that runs the same."""
     estimated = not (args.out / "cache" / "manifest.json").is_file()
     for stage, (path, overrides) in stage_configs(args, _steps(args, steps_per_epoch(args))).items():
         command = "test" if stage.startswith("test/") else "fit"
+        if command == "fit" and stage not in fit:
+            continue
         flags = " ".join(f"--{key}={value}" for key, value in _flat(overrides) if not isinstance(value, list))
         print(f"# {stage}: rsae {command} --config configs/{path.name} {flags} (callbacks as below)"
               + ("  (max_steps estimated from --n-tokens)" if estimated and command == "fit" else ""))

@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 CACHE_DTYPES = ("bfloat16", "float16")
 # Fields of the manifest that must match a resumed request exactly; anything else may be extended.
 IDENTITY_FIELDS = ("model", "hooks", "dtype", "corpus", "seq_len", "sequences_per_shard", "d_model",
-                   "bos_token_id", "special_token_ids")
+                   "bos_token_id", "special_token_ids", "lm_processing")
 
 
 class CacheError(ValueError):

@@ -52,6 +52,8 @@ class CacheRequest:
     allow_nonfinite: bool = False
     device: str = "cpu"
     progress: bool = True
+    lm_processing: dict[str, bool] | None = None
+    """HookedTransformer weight processing of the LM (`rsae.data.lm.apply_processing`); None: its own weights."""
 
 
 def planned_bytes(n_sequences: int, seq_len: int, rows_per_sequence: float, d_model: int, n_hooks: int) -> int:
@@ -78,6 +80,7 @@ def _identity(request: CacheRequest, lm: Any) -> dict[str, Any]:
         "d_model": lm.d_model,
         "bos_token_id": lm.bos_token_id,
         "special_token_ids": sorted(lm.special_token_ids),
+        "lm_processing": lm.processing,
     }
 
 
@@ -109,7 +112,7 @@ def build_cache(request: CacheRequest, lm: Any = None, log: Any = print) -> Acti
     if request.n_tokens <= 0 or request.seq_len < 2 or request.sequences_per_shard <= 0 or request.batch_size <= 0:
         raise CacheError("n_tokens, sequences_per_shard and batch_size must be positive and seq_len >= 2")
     if lm is None:
-        lm = load_lm(request.model, device=request.device)
+        lm = load_lm(request.model, device=request.device, processing=request.lm_processing)
     hooks = lm.check_hooks(list(request.hooks))
     request.hooks = tuple(hooks)
     stop = lm.stop_layer(hooks)

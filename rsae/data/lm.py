@@ -57,6 +57,10 @@ class LanguageModel:
     """BOS/EOS/PAD and other special ids: positions holding them are dropped from caches."""
     source: str = ""
     """Where the weights came from (folder or Hub name), for provenance."""
+    processing: dict[str, bool] | None = None
+    """HookedTransformer's weight processing applied through the bridge's compatibility mode (`fold_ln`,
+    `center_writing_weights`, ...), or None for the model's own weights. Centring the writing weights changes the
+    residual stream itself, so SAEs trained on a processed model need activations from the same processing."""
 
     @property
     def device(self) -> torch.device:
@@ -154,9 +158,14 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
 # --- loading ----------------------------------------------------------------------------------
 
 
+PROCESSING_OPTIONS: tuple[str, ...] = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+"""HookedTransformer's load-time weight processing, which `TransformerBridge.enable_compatibility_mode` reproduces."""
+
+
 def load_lm(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-            verbose: bool = True) -> LanguageModel:
-    """Load `spec` (DEFAULT_MODEL, a local HF folder or a Hub name) as a TransformerBridge in eval mode."""
+            verbose: bool = True, processing: dict[str, bool] | None = None) -> LanguageModel:
+    """Load `spec` (DEFAULT_MODEL, a local HF folder or a Hub name) as a TransformerBridge in eval mode, with
+    HookedTransformer's weight `processing` applied (see `apply_processing`) when given."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -180,7 +189,23 @@ def load_lm(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype
     bridge = TransformerBridge.boot_transformers(source, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype,
                                                  device=torch.device(device))
     bridge.eval()
-    return _wrap(bridge, tokenizer, name, source)
+    return apply_processing(_wrap(bridge, tokenizer, name, source), processing)
+
+
+def apply_processing(lm: LanguageModel, processing: dict[str, bool] | None) -> LanguageModel:
+    """`lm` with HookedTransformer's weight processing (`PROCESSING_OPTIONS`, each True or False; None: none),
+    through the bridge's compatibility mode: what SAELens-trained SAEs saw (e.g. `center_writing_weights`)."""
+    if processing is None:
+        return lm
+    unknown = sorted(set(processing) - set(PROCESSING_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown LM processing option(s) {unknown}; known: {', '.join(PROCESSING_OPTIONS)}")
+    if lm.processing is not None:
+        raise ValueError(f"{lm.name} is already processed ({lm.processing}); load it again to process it otherwise")
+    options = {key: bool(processing.get(key, False)) for key in PROCESSING_OPTIONS}
+    lm.bridge.enable_compatibility_mode(disable_warnings=True, **options)
+    lm.processing = options
+    return lm
 
 
 def _wrap(bridge: Any, tokenizer: Any, name: str, source: str) -> LanguageModel:

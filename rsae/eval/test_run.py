@@ -154,15 +154,18 @@ def _load_lm(datamodule: Any) -> Any:
     if cache is None:
         return datamodule.source.lm
     source = cache.manifest.get("model_source") or cache.model
-    return _language_model(source if Path(str(source)).is_dir() else cache.model)
+    processing = cache.manifest.get("lm_processing")
+    return _language_model(source if Path(str(source)).is_dir() else cache.model,
+                           None if processing is None else tuple(sorted(processing.items())))
 
 
 @functools.lru_cache(maxsize=1)
-def _language_model(spec: str) -> Any:
-    """One LM per process: several test runs in a row (the quickstart's four) would each reload it otherwise."""
+def _language_model(spec: str, processing: tuple[tuple[str, bool], ...] | None) -> Any:
+    """One LM per process: several test runs in a row (the quickstart's four) would each reload it otherwise. It
+    is processed as the cache's activations were, so the spliced CE reads the stream the SAE was trained on."""
     from rsae.data.lm import load_lm
 
-    return load_lm(spec, verbose=False)
+    return load_lm(spec, verbose=False, processing=None if processing is None else dict(processing))
 
 
 def _teacher_of(sae: Any) -> Any:

@@ -209,3 +209,14 @@ def test_sigkill_then_rerun_resumes_without_redoing_finished_shards(tmp_path):  
         assert (np.asarray(single.tokens(i)) == np.asarray(cache.tokens(i))).all()
         assert torch.equal(single.activations(i, "blocks.1.hook_resid_post"),
                            cache.activations(i, "blocks.1.hook_resid_post"))
+
+
+def test_processed_and_unprocessed_activations_are_never_mixed(tmp_path, lm):  # type: ignore[no-untyped-def]
+    from rsae.data.lm import apply_processing
+
+    processing = {"fold_ln": True, "center_writing_weights": True}
+    centred = apply_processing(tiny_lm(n_layers=3), processing)
+    cache = build_cache(request(tmp_path, centred, n_tokens=256), lm=centred, log=lambda *a: None)
+    assert cache.manifest["lm_processing"] == centred.processing
+    with pytest.raises(CacheError, match="lm_processing"):
+        build_cache(request(tmp_path, lm, n_tokens=512), lm=lm, log=lambda *a: None)

@@ -98,3 +98,25 @@ def test_real_smollm2_smoke(tmp_path) -> None:  # type: ignore[no-untyped-def]
     rel = (stored - expected).norm(dim=-1) / expected.norm(dim=-1)
     assert rel.median() < 0.05  # bf16 autocast + bf16 storage against fp32
     print(f"real-model smoke test: {time.perf_counter() - start:.1f} s")
+
+
+def test_hooked_transformer_processing_changes_the_stream_as_it_should() -> None:
+    """`center_writing_weights` (what SAELens-trained SAEs saw) centres every residual-stream vector; fold_ln
+    alone leaves the stream as it was. Unknown options and processing twice are refused."""
+    from rsae.data.lm import apply_processing, hook_activations
+
+    tokens = torch.randint(1, 64, (2, 12))
+    hook = "blocks.1.hook_resid_post"
+    raw = hook_activations(tiny_lm(n_layers=2), tokens, [hook])[hook]
+    folded = apply_processing(tiny_lm(n_layers=2), {"fold_ln": True})
+    assert folded.processing == {"fold_ln": True, "center_writing_weights": False, "center_unembed": False,
+                                 "fold_value_biases": False}
+    torch.testing.assert_close(hook_activations(folded, tokens, [hook])[hook], raw, rtol=1e-4, atol=1e-4)
+    centred = apply_processing(tiny_lm(n_layers=2), {"fold_ln": True, "center_writing_weights": True})
+    stream = hook_activations(centred, tokens, [hook])[hook]
+    assert raw.mean(-1).abs().max() > 1e-2 and stream.mean(-1).abs().max() < 1e-5
+    torch.testing.assert_close(stream, raw - raw.mean(-1, keepdim=True), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown LM processing option"):
+        apply_processing(tiny_lm(n_layers=2), {"centre_writing_weights": True})
+    with pytest.raises(ValueError, match="already processed"):
+        apply_processing(centred, {"fold_ln": True})
