@@ -7,7 +7,7 @@ in `rsae.eval`.
 
 from rsae.nn import RSAE, JumpReLUSAE, Latents, ReLUSAE, SAEConfig, SAEOutput, SparseAutoencoder, TopKSAE, TrainingLoss
 from rsae.rational import RationalGate
-from rsae.zoo import CheckpointError, load, save
+from rsae.zoo.checkpoint import CheckpointError, load, save
 from rsae.zoo.importers import SAEImportError, import_sae
 
 __version__ = "0.1.0"

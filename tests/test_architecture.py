@@ -17,7 +17,7 @@ import rsae
 from helpers import make_sae
 
 PACKAGE = Path(rsae.__file__).resolve().parent
-FLOORS = ("_io", "rational", "nn", "zoo", "data", "eval", "train", "cli")
+FLOORS = ("_io", "rational", "nn", "zoo", "integrations", "data", "eval", "train", "cli")
 """Bottom to top, the order of the data flow: a module imports only from its own floor and those below."""
 HEAVY = ("lightning", "transformers", "transformer_lens", "matplotlib")
 

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "upgrade": "the same pipeline for an SAE you have: import it, calibrate, fine-tune, compare",
     "import": "import an SAE from a public format (SAELens, sparsify, dictionary_learning, Gemma Scope, OpenAI)",
     "export": "export an rsae checkpoint to another library's format (SAELens)",
+    "zoo": "the model zoo: list, card, pull, push, build",
     "remez": "fit the pole-free rational to a gate by relaxed Remez exchange",
     "cache": "cache LM activations (resumable, checksummed shards)",
     "hooks": "list the hook points of a language model",

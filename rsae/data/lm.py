@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from rsae._io import atomic_folder, cache_dir
+from rsae.nn.config import LM_PROCESSING_OPTIONS
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -158,10 +159,6 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
 # --- loading ----------------------------------------------------------------------------------
 
 
-PROCESSING_OPTIONS: tuple[str, ...] = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
-"""HookedTransformer's load-time weight processing, which `TransformerBridge.enable_compatibility_mode` reproduces."""
-
-
 def load_lm(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
             verbose: bool = True, processing: dict[str, bool] | None = None) -> LanguageModel:
     """Load `spec` (DEFAULT_MODEL, a local HF folder or a Hub name) as a TransformerBridge in eval mode, with
@@ -175,7 +172,9 @@ def load_lm(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype
         folder = Path(spec).expanduser().resolve()
         name = folder.name
     else:
+        # TransformerLens' names (`gpt2-small`, what SAELens configs record) to the Hub's (`gpt2`).
         folder, name = None, spec
+        spec = _official_name(spec)
     source = str(folder) if folder is not None else spec
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -193,19 +192,28 @@ def load_lm(spec: str = DEFAULT_MODEL, device: str | torch.device = "cpu", dtype
 
 
 def apply_processing(lm: LanguageModel, processing: dict[str, bool] | None) -> LanguageModel:
-    """`lm` with HookedTransformer's weight processing (`PROCESSING_OPTIONS`, each True or False; None: none),
+    """`lm` with HookedTransformer's weight processing (`LM_PROCESSING_OPTIONS`, each True or False; None: none),
     through the bridge's compatibility mode: what SAELens-trained SAEs saw (e.g. `center_writing_weights`)."""
     if processing is None:
         return lm
-    unknown = sorted(set(processing) - set(PROCESSING_OPTIONS))
+    unknown = sorted(set(processing) - set(LM_PROCESSING_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown LM processing option(s) {unknown}; known: {', '.join(PROCESSING_OPTIONS)}")
+        raise ValueError(f"unknown LM processing option(s) {unknown}; known: {', '.join(LM_PROCESSING_OPTIONS)}")
     if lm.processing is not None:
         raise ValueError(f"{lm.name} is already processed ({lm.processing}); load it again to process it otherwise")
-    options = {key: bool(processing.get(key, False)) for key in PROCESSING_OPTIONS}
+    options = {key: bool(processing.get(key, False)) for key in LM_PROCESSING_OPTIONS}
     lm.bridge.enable_compatibility_mode(disable_warnings=True, **options)
     lm.processing = options
     return lm
+
+
+def _official_name(spec: str) -> str:
+    from transformer_lens.supported_models import get_official_model_name
+
+    try:
+        return get_official_model_name(spec)
+    except ValueError:
+        return spec
 
 
 def _wrap(bridge: Any, tokenizer: Any, name: str, source: str) -> LanguageModel:

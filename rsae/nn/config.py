@@ -24,6 +24,9 @@ GATE_MODES: tuple[str, ...] = ("masked", "pure", "thresholded")
 COEFFICIENT_SHARINGS: tuple[str, ...] = ("shared", "group", "feature")
 DTYPES: tuple[str, ...] = ("float32", "float64", "bfloat16", "float16")
 INPUT_NORMALIZATIONS: tuple[str, ...] = ("none", "layer_norm")
+LM_PROCESSING_OPTIONS: tuple[str, ...] = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+"""HookedTransformer's load-time weight processing, as `cfg.source["lm_processing"]` records it for an imported
+teacher (`TransformerBridge.enable_compatibility_mode` reproduces it)."""
 
 
 @dataclass
@@ -88,7 +91,8 @@ class SAEConfig:
 
     input_normalization: InputNormalization = "none"
     """'layer_norm': every token is centred and divided by its unbiased standard deviation plus 1e-5 before
-    encoding, and the reconstruction is scaled back (OpenAI's TopK SAEs; SAELens' `layer_norm`). 'none': no
+    encoding, and the reconstruction is scaled back by the std and the mean (OpenAI's TopK SAEs; SAELens'
+    `layer_norm`). 'none': no
     per-token normalisation (a constant normalisation factor is folded into the weights instead)."""
 
     source: dict[str, Any] = field(default_factory=dict)

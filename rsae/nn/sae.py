@@ -46,7 +46,8 @@ class Latents(NamedTuple):
 
 
 LAYER_NORM_EPS = 1e-5
-"""Added to the per-token standard deviation by `input_normalization="layer_norm"` (OpenAI's and SAELens' value)."""
+"""Added to the per-token standard deviation when `input_normalization="layer_norm"` divides by it (OpenAI's and
+SAELens' value); the reconstruction is scaled back by the std itself."""
 
 
 class TokenNormalization(NamedTuple):
@@ -123,7 +124,8 @@ class SparseAutoencoder(nn.Module, ABC):
         """A reconstruction in the SAE's input space back in raw units."""
         if normalization is None:
             return x_hat
-        return (x_hat.float() * (normalization.std + LAYER_NORM_EPS) + normalization.mean).to(x_hat.dtype)
+        # OpenAI's and SAELens' scale-back: the plain std, the epsilon only guarded the division.
+        return (x_hat.float() * normalization.std + normalization.mean).to(x_hat.dtype)
 
     def centered(self, x_in: Tensor) -> Tensor:
         """The encoder's input: `x_in - b_dec`, or `x_in` itself when `cfg.apply_b_dec_to_input` is False."""

@@ -1,0 +1,49 @@
+"""The Hub model card (`README.md`) of a zoo entry folder: YAML front matter, the evaluation table, how it was
+built, and the teacher's licence and source."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from rsae.zoo.registry import Card
+
+TABLE_METRICS = ("mse", "explained_variance", "l0", "alive_fraction", "ce_degradation", "loss_recovered")
+RUNS = ("teacher", "rsae-init", "rsae", "control")
+
+
+def model_card(entry: Card, cfg: dict[str, Any]) -> str:
+    """Markdown with front matter (`library_name: rsae`, tags, `base_model`) for the entry's folder on the Hub."""
+    front = {"library_name": "rsae", "tags": ["sparse-autoencoder", "rsae", "interpretability", cfg.get("family"),
+                                             f"mode-{cfg.get('mode')}"],
+             "base_model": entry.lm.get("hub_name") or entry.lm.get("name"),
+             "license": entry.teacher.get("license_id", "other")}
+    table = entry.evaluation.get("table") or {}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {entry.name}", "",
+             f"A Rational SAE (rsae, mode `{cfg.get('mode')}`, degree {cfg.get('degree')}) of "
+             f"`{entry.lm.get('hook_name')}` in `{entry.lm.get('name')}`, upgraded from {entry.teacher.get('source')}.",
+             "", "```python", "import rsae", f'model = rsae.zoo.load("{entry.name}")', "```", ""]
+    if table:
+        lines += ["## Evaluation", "", "| metric | " + " | ".join(r for r in RUNS if r in table) + " |",
+                  "|---|" + "---|" * sum(r in table for r in RUNS)]
+        for metric in TABLE_METRICS:
+            cells = [_fmt(table[r].get(metric)) for r in RUNS if r in table]
+            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+        data = entry.evaluation.get("data")
+        lines += ["", f"Measured on {data}." if data else "", "The control is the teacher fine-tuned with the same "
+                  "recipe, data and steps: the RSAE's gain over it is what the rational gate adds.", ""]
+    lines += ["## How it was built", "", "```bash", entry.build_command(), "```", "",
+              f"Recipe: `rsae {entry.recipe.get('command')}` with {entry.recipe.get('args')} (the stages are "
+              "rsae's `configs/`).", "", "## Teacher", "",
+              f"{entry.teacher.get('description', '')} Source: {entry.teacher.get('source')}; format "
+              f"{entry.teacher.get('format')}; licence: {entry.teacher.get('license')}.", ""]
+    if entry.notes:
+        lines += [entry.notes, ""]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
