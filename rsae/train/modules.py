@@ -60,7 +60,9 @@ class SAEModule(pl.LightningModule):
         auxk_coefficient: weight of the AuxK loss on dead latents (topk family).
         dead_window_tokens: a latent that has not fired in this many training tokens counts as dead.
         decoder: 'unit_norm' keeps decoder rows at unit norm (gradient projected, rows renormalised after each
-            step); 'penalty' leaves norms free for the norm-weighted L1; 'auto' picks per family and mode.
+            step); 'penalty' leaves norms free for the norm-weighted L1; 'auto' picks per family and mode: unit
+            norm for topk / jumprelu (not pure RSAEs) whose decoder rows are at unit norm when the fit starts, free
+            norms otherwise (an imported teacher refolded into the data's scale keeps what it computes).
         export_dir: at the end of fit, the trained SAE is written here as an rsae checkpoint folder.
         evaluation: what `validate` / `test` measure and where the test report goes.
         d_in / hook_name / model_name: linked from the DataModule by the CLI; checked against the SAE.
@@ -101,6 +103,8 @@ class SAEModule(pl.LightningModule):
         # Tokens since each latent last fired; a buffer so it travels with checkpoints and devices.
         self.register_buffer("tokens_since_fired", torch.zeros(sae.cfg.d_sae, dtype=torch.long))
         self.register_buffer("b_dec_initialised", torch.tensor(False))
+        # Whether rows were at unit norm when the fit began: decided once, and kept across a resume.
+        self.register_buffer("decoder_started_at_unit_norm", torch.tensor(True))
 
     def _check_against_data(self, cfg: SAEConfig) -> None:
         for name, theirs in (("d_in", self.data_d_in), ("hook_name", self.data_hook_name)):
@@ -138,7 +142,9 @@ class SAEModule(pl.LightningModule):
         if self.decoder_handling != "auto":
             return self.decoder_handling == "unit_norm"
         pure = self.sae.cfg.architecture == "rsae" and self.sae.cfg.mode == "pure"
-        return self.family in ("topk", "jumprelu") and not pure
+        # A frozen decoder (stage 1) is never renormalised: the projection and the renorm are for trained rows.
+        trained = self.sae.W_dec.requires_grad
+        return self.family in ("topk", "jumprelu") and not pure and trained and bool(self.decoder_started_at_unit_norm)
 
     # --- optimisation --------------------------------------------------------------------------
     def trainable_parameters(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -239,7 +245,10 @@ class SAEModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         norms = self.sae.W_dec.detach().float().norm(dim=-1)
-        if self.unit_norm_decoder() and self.trainer.ckpt_path is None and (norms - 1).abs().max() > 1e-3:
+        at_unit_norm = bool((norms - 1).abs().max() <= 1e-3)
+        if self.trainer.ckpt_path is None:
+            self.decoder_started_at_unit_norm.fill_(at_unit_norm)
+        if self.decoder_handling == "unit_norm" and self.trainer.ckpt_path is None and not at_unit_norm:
             warnings.warn(
                 f"decoder rows have norms in [{norms.min():.3g}, {norms.max():.3g}] but decoder='unit_norm' will "
                 "renormalise them after the first step, changing what the SAE computes; train on the scale it was "

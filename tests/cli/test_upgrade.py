@@ -79,7 +79,7 @@ def write_dictionary_learning(folder: Path) -> Path:
 def write_gemma_scope(folder: Path) -> Path:
     """Gemma Scope: params.npz of a JumpReLU SAE (W_enc [d, F], W_dec [F, d], threshold), in layer_N/ folders."""
     w_enc, b_enc, w_dec, b_dec = _weights()
-    target = folder / "layer_1" / "width_64" / "average_l0_8"
+    target = folder / "gemma-scope-2b-pt-res" / "layer_1" / "width_16k" / "average_l0_8"
     target.mkdir(parents=True)
     np.savez(target / "params.npz", W_enc=w_enc.numpy(), b_enc=b_enc.numpy(), W_dec=w_dec.numpy(),
              b_dec=b_dec.numpy(), threshold=np.full(D_SAE, 0.05, dtype=np.float32))

@@ -26,7 +26,7 @@ def test_unknown_names_suggest_close_ones() -> None:
 
 
 def test_a_recipe_entry_says_it_has_no_weights_and_how_to_build_them() -> None:
-    with pytest.raises(ZooError, match=r"recipe: its weights are not published yet.*`rsae zoo build gpt2-small/L8/topk`"):
+    with pytest.raises(ZooError, match=r"recipe: its weights are not published.*`rsae zoo build gpt2-small/L8/topk`"):
         rsae.zoo.load("gpt2-small/L8/topk")
 
 
