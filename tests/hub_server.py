@@ -49,9 +49,10 @@ Client behaviour worth knowing (huggingface_hub 2.4, Xet disabled)
   nothing is PUT. It then drops every addition whose local oid equals the remote one and, with nothing left,
   logs "No files have been modified since last commit. Skipping to prevent empty commit.", sends no commit, and
   returns a `CommitInfo` whose `oid` is the current head (read with one `repo_info` call). So a re-push costs
-  preupload + LFS batch + repo_info and creates no commit. Remote files missing from the local folder are kept
-  unless `delete_patterns` is passed. A commit request with no-op content sent directly would still create a
-  commit here, as git and the real Hub do.
+  preupload + LFS batch + repo_info (and two validate-yaml calls if the folder has a README.md, which
+  `upload_folder` and `create_commit` each check) and creates no commit. Remote files missing from the local
+  folder are kept unless `delete_patterns` is passed. A commit request with no-op content sent directly would
+  still create a commit here, as git and the real Hub do.
 - Retries: `http_backoff` retries 408/429/5xx and network errors 5 times, sleeping 1, 2, 4, 8, 8 s (or
   Retry-After + 1 s, which this server never sends). It is used by preupload, LFS batch/upload/verify and
   paginated listings (`list_repo_tree`, `list_repo_files`, `list_repo_commits`). Plain API calls (`repo_info`,
@@ -80,8 +81,8 @@ always `namespace/name`; `{rev}` is a branch, a tag, a commit id or an unambiguo
 - `POST|DELETE /api/{type}/{repo}/branch/{branch}`, `POST /api/{type}/{repo}/tag/{rev}`,
   `DELETE /api/{type}/{repo}/tag/{tag}`.
 - `POST /api/{type}/{repo}/preupload/{rev}`: "lfs" for files tracked by the revision's `.gitattributes`, files of
-  at least `lfs_threshold` bytes (10 MiB, as on the Hub) and binary files (a NUL byte in the 512-byte sample);
-  "regular" otherwise. `.gitignore` is not applied: `shouldIgnore` is always false.
+  at least `lfs_threshold` bytes (10 MiB by default: the Hub's limit for regular files) and binary files (a NUL
+  byte in the 512-byte sample); "regular" otherwise. `.gitignore` is not applied: `shouldIgnore` is always false.
 - `POST /api/{type}/{repo}/commit/{branch}`: NDJSON `header`, `file` (base64 or text), `lfsFile`, `deletedFile`,
   `deletedFolder`; honours `parentCommit` (412 if the branch moved). Pull requests are not supported.
 - `POST /{repo}.git/info/lfs/objects/batch`: upload actions for objects the repo lacks, each with a single-use
@@ -148,6 +149,7 @@ _TYPE_BY_PLURAL = {"models": "model", "datasets": "dataset"}
 _URL_PREFIX = {"model": "", "dataset": "datasets/"}
 _REPO_NAME = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?")
 _COMMIT_PREFIX = re.compile(r"[0-9a-f]{7,40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 # --- Git objects ---------------------------------------------------------------------------------------------
@@ -270,23 +272,32 @@ def _json_response(data: Any, status: int = 200, headers: Mapping[str, str] | No
 
 
 class HubError(Exception):
-    """An error answer, in the Hub's format: JSON `{"error": ...}` body plus `X-Error-*` headers."""
+    """An error answer, in the Hub's format: JSON `{"error": ...}` body plus `X-Error-*` headers.
+
+    `headers` and `body` add to those, for errors that carry data the client reads.
+    """
 
     def __init__(
-        self, status: int, message: str, code: str | None = None, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.headers = dict(headers or {})
+        self.body = dict(body or {})
 
     def response(self) -> _Response:
         # Header values must be latin-1; paths in messages may not be.
         headers = {"X-Error-Message": self.message.encode("ascii", "backslashreplace").decode(), **self.headers}
         if self.code is not None:
             headers["X-Error-Code"] = self.code
-        return _json_response({"error": self.message}, self.status, headers)
+        return _json_response({"error": self.message, **self.body}, self.status, headers)
 
 
 class _Route(NamedTuple):
@@ -381,8 +392,8 @@ class LocalHub:
         token: if set, writes need `Authorization: Bearer <token>` and private repos are only visible with it.
             If None, every request is accepted.
         username: the namespace of repos created without one, and the author of commits.
-        lfs_threshold: files of at least this many bytes are uploaded as LFS (the Hub uses 10 MiB); lower it to
-            exercise the LFS path with small files.
+        lfs_threshold: files of at least this many bytes are uploaded as LFS (the Hub refuses regular files above
+            10 MB); lower it to exercise the LFS size rule with small files.
         page_size: entries per page of tree and commit listings (the Hub uses 1000).
 
     Attributes:
@@ -587,7 +598,8 @@ class LocalHub:
         repo.commits[oid] = commit
         return commit
 
-    def _lfs_patterns(self, repo: _Repo, commit: _Commit) -> list[str]:
+    @staticmethod
+    def _lfs_patterns(repo: _Repo, commit: _Commit) -> list[str]:
         """The patterns marked `filter=lfs` in the snapshot's `.gitattributes`."""
         gitattributes = commit.files.get(".gitattributes")
         if gitattributes is None:
@@ -595,7 +607,8 @@ class LocalHub:
         lines = repo.read(gitattributes).decode(errors="replace").splitlines()
         return [fields[0] for fields in map(str.split, lines) if fields and "filter=lfs" in fields[1:]]
 
-    def _entry(self, commit: _Commit, path: str) -> dict[str, Any]:
+    @staticmethod
+    def _entry(commit: _Commit, path: str) -> dict[str, Any]:
         """A tree entry as the Hub lists it (parsed by the client into `RepoFile` / `RepoFolder`)."""
         if path in commit.folders:
             return {"type": "directory", "oid": commit.folders[path], "size": 0, "path": path}
@@ -633,7 +646,9 @@ class LocalHub:
             raise HubError(400, f"Invalid repo name: {namespace}/{name}")
         repo_id = f"{namespace}/{name}"
         if (repo_type, repo_id) in self._repos:
-            raise HubError(409, f"You already created this {repo_type} repo")
+            # `create_repo(exist_ok=True)` returns the url of the 409 answer.
+            url = self._repo_url(self._repos[(repo_type, repo_id)])
+            raise HubError(409, f"You already created this {repo_type} repo", body={"url": url})
         repo = _Repo(
             repo_type=repo_type,
             repo_id=repo_id,
@@ -723,15 +738,19 @@ class LocalHub:
     def _paths_info(self, request: _Request, params: dict[str, str]) -> _Response:
         repo = self._repo(request, params)
         commit = self._commit_at(repo, params["rev"])
-        paths = parse_qs(request.body.decode()).get("paths", [])
-        found = [path.strip("/") for path in paths if path.strip("/") in commit.files or path.strip("/") in commit.folders]
+        paths = [path.strip("/") for path in parse_qs(request.body.decode()).get("paths", [])]
+        # Paths that do not exist are left out, as on the Hub.
+        found = [path for path in paths if path in commit.files or (path and path in commit.folders)]
         return _json_response([self._entry(commit, path) for path in found])
 
     def _refs(self, request: _Request, params: dict[str, str]) -> _Response:
         repo = self._repo(request, params)
 
-        def refs(kind: str, names: Mapping[str, str]) -> list[dict[str, str]]:
-            return [{"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": oid} for name, oid in sorted(names.items())]
+        def refs(kind: str, targets: Mapping[str, str]) -> list[dict[str, str]]:
+            return [
+                {"name": name, "ref": f"refs/{kind}/{name}", "targetCommit": oid}
+                for name, oid in sorted(targets.items())
+            ]
 
         data = {"branches": refs("heads", repo.branches), "converts": [], "tags": refs("tags", repo.tags)}
         if request.flag("include_prs"):
@@ -817,7 +836,7 @@ class LocalHub:
             self._branch_head(repo, body["ref"]["name"])
         objects = []
         for item in body.get("objects", []):
-            oid, size = item["oid"], item["size"]
+            oid, size = _check_sha256(item.get("oid", "")), item.get("size")
             answer: dict[str, Any] = {"oid": oid, "size": size}
             if not (repo.root / "lfs" / oid).is_file():  # no "actions" tells the client the object is there
                 ticket = secrets.token_urlsafe(16)
@@ -843,7 +862,7 @@ class LocalHub:
     def _lfs_verify(self, request: _Request, params: dict[str, str]) -> _Response:
         repo = self._repo(request, params)
         body = request.json()
-        path = repo.root / "lfs" / body.get("oid", "")
+        path = repo.root / "lfs" / _check_sha256(body.get("oid", ""))
         if not path.is_file() or path.stat().st_size != body.get("size"):
             raise HubError(404, f"LFS object {body.get('oid')} was not uploaded")
         return _json_response({})
@@ -854,7 +873,12 @@ class LocalHub:
         head = self._branch_head(repo, branch)
         if request.flag("create_pr"):
             raise HubError(400, "LocalHub does not support pull requests")
-        lines = [json.loads(line) for line in request.body.splitlines() if line.strip()]
+        try:
+            lines = [json.loads(line) for line in request.body.splitlines() if line.strip()]
+        except json.JSONDecodeError as error:
+            raise HubError(400, f"Commit body is not NDJSON: {error}") from error
+        if not all(isinstance(line, dict) and "key" in line and "value" in line for line in lines):
+            raise HubError(400, "Every commit line needs a key and a value")
         header = next((line["value"] for line in lines if line["key"] == "header"), None)
         if header is None or not header.get("summary"):
             raise HubError(400, "Commit header with a summary is required")
@@ -892,7 +916,7 @@ class LocalHub:
             data = base64.b64decode(content) if value.get("encoding") == "base64" else content.encode()
             files[path] = self._store_regular(repo, data)
         elif key == "lfsFile":
-            oid = value.get("oid", "")
+            oid = _check_sha256(value.get("oid", ""))
             stored = repo.root / "lfs" / oid
             if not stored.is_file():
                 raise HubError(400, f"LFS object {oid} of {path} was never uploaded to this repo")
@@ -941,6 +965,13 @@ def _check_repo_path(path: str) -> None:
     parts = path.split("/")
     if not path or any(part in ("", ".", "..", ".git") for part in parts):
         raise HubError(400, f"Invalid path in repo: {path!r}")
+
+
+def _check_sha256(oid: str) -> str:
+    """`oid`, checked to be a sha256 in hex: LFS oids name files on disk."""
+    if not _SHA256.fullmatch(oid):
+        raise HubError(400, f"Invalid LFS oid: {oid!r}")
+    return oid
 
 
 def _matches_gitattributes(path: str, patterns: list[str]) -> bool:
@@ -1022,4 +1053,3 @@ def online(
     monkeypatch.setitem(http_backoff.__kwdefaults__, "base_wait_time", retry_wait)
     monkeypatch.setitem(http_backoff.__kwdefaults__, "max_wait_time", retry_wait)
     return cache
-

@@ -9,7 +9,6 @@ same way), so published entries load on a machine with no network. `endpoint=` a
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,10 @@ import torch
 
 from rsae._io import sha256_file
 from rsae.nn.sae import SparseAutoencoder
+from rsae.zoo import registry
 from rsae.zoo.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from rsae.zoo.checkpoint import load as load_folder
-from rsae.zoo.registry import Card, ZooError, card, cards_root, names
+from rsae.zoo.registry import Card, ZooError
 
 LOADED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 """What `load` needs of an entry's folder; `pull` fetches every file the card lists."""
@@ -29,7 +29,7 @@ LOADED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 def load(name: str, revision: str | None = None, device: str | torch.device = "cpu", endpoint: str | None = None,
          token: str | None = None) -> SparseAutoencoder:
     """The zoo entry `name` (`LM/LAYER/FAMILY`) as a ready model, hook point and LM name in its cfg."""
-    entry = _published(card(name))
+    entry = _published(registry.card(name))
     folder = _cached(entry, revision, endpoint, LOADED_FILES)
     reason = None
     if folder is None:
@@ -46,7 +46,7 @@ def load(name: str, revision: str | None = None, device: str | torch.device = "c
 
 def pull(name: str, revision: str | None = None, endpoint: str | None = None, token: str | None = None) -> Path:
     """Download every file of the entry into the HF cache (verified) and return its folder there."""
-    entry = _published(card(name))
+    entry = _published(registry.card(name))
     files = tuple(entry.hub["files"])
     return _cached(entry, revision, endpoint, files) or _download(entry, revision, endpoint, token, files)
 
@@ -54,8 +54,8 @@ def pull(name: str, revision: str | None = None, endpoint: str | None = None, to
 def entries() -> list[dict[str, Any]]:
     """One row per card: name, family, status, and the fine-tuned RSAE's L0 and explained variance (if measured)."""
     rows = []
-    for entry_name in names():
-        entry = card(entry_name)
+    for entry_name in registry.names():
+        entry = registry.card(entry_name)
         rsae_metrics = (entry.evaluation.get("table") or {}).get("rsae", {})
         rows.append({"name": entry.name, "family": entry.family, "l0": rsae_metrics.get("l0"),
                      "explained_variance": rsae_metrics.get("explained_variance"), "status": entry.status})
@@ -105,10 +105,12 @@ def _download(entry: Card, revision: str | None, endpoint: str | None, token: st
                            f"({entry.hub['revision']})") from err
         except hub.errors.RepositoryNotFoundError as err:
             raise ZooError(f"{where}: the Hub has no such repository (or it is private: pass a token)") from err
+        except (hub.errors.LocalEntryNotFoundError, hub.errors.OfflineModeIsEnabled) as err:
+            # Before EntryNotFoundError, of which the client makes LocalEntryNotFoundError a subclass.
+            raise ZooError(f"{where}: not in the HF cache, and the Hub is not reachable (HF_HUB_OFFLINE set, no "
+                           "network, or the server down after the client's retries)") from err
         except hub.errors.EntryNotFoundError as err:
             raise ZooError(f"{where}: the Hub has no {_in_repo(entry, file)}") from err
-        except (hub.errors.LocalEntryNotFoundError, hub.errors.OfflineModeIsEnabled) as err:
-            raise ZooError(f"{where}: offline and not in the HF cache") from err
         except (hub.errors.HfHubHTTPError, OSError) as err:
             raise ZooError(f"{where}: the Hub did not answer ({type(err).__name__}: {err})") from err
     return _verified(entry, paths)
@@ -117,7 +119,7 @@ def _download(entry: Card, revision: str | None, endpoint: str | None, token: st
 def _shipped(entry: Card) -> Path | None:
     if entry.shipped is None:
         return None
-    folder = cards_root() / entry.shipped
+    folder = registry.cards_root() / entry.shipped
     if not all((folder / file).is_file() for file in LOADED_FILES):
         raise ZooError(f"{entry.name}: the shipped copy {folder} is incomplete; reinstall rsae")
     return _verified(entry, [folder / file for file in LOADED_FILES], remove_bad=False)
@@ -165,39 +167,13 @@ def push(folder: str | os.PathLike[str], repo_id: str, path_in_repo: str = "", r
         raise ZooError("pushing needs a Hub token with write access: pass --token, set HF_TOKEN, or `hf auth login`")
     api = hub.HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, exist_ok=True)
-    hashes = {name: sha256_file(path) for name, path in files.items()}
-    remote = _remote_hashes(api, repo_id, revision, [_join(path_in_repo, name) for name in files])
-    if all(set(remote.get(_join(path_in_repo, name), ())) & set(_git_ids(path)) for name, path in files.items()):
+    try:
         head = api.repo_info(repo_id, revision=revision).sha
-        return {"commit": None, "revision": head, "files": hashes}
+    except hub.errors.RevisionNotFoundError:
+        head = None
+    # The client itself skips files the Hub holds unchanged (their remote oids come back from preupload) and
+    # makes no commit when nothing is left; the head then stays where it was.
     info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), path_in_repo=path_in_repo or None,
                              revision=revision, commit_message=commit_message or f"rsae: {path_in_repo or repo_id}")
-    return {"commit": info.oid, "revision": info.oid, "files": hashes}
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix.strip('/')}/{name}" if prefix.strip("/") else name
-
-
-def _remote_hashes(api: Any, repo_id: str, revision: str, paths: list[str]) -> dict[str, tuple[str, ...]]:
-    """{path: the ids the Hub gives for it}: its LFS sha256 and its git blob id (whichever the Hub has)."""
-    hub = _hub()
-    try:
-        infos = api.get_paths_info(repo_id, paths, revision=revision, expand=True)
-    except (hub.errors.RevisionNotFoundError, hub.errors.EntryNotFoundError):
-        return {}
-    out = {}
-    for info in infos:
-        lfs = getattr(info, "lfs", None)
-        ids = [getattr(info, "blob_id", None)]
-        if lfs is not None:
-            ids.append(lfs.sha256 if hasattr(lfs, "sha256") else lfs["sha256"])
-        out[info.path] = tuple(i for i in ids if i)
-    return out
-
-
-def _git_ids(path: Path) -> tuple[str, ...]:
-    """The ids a remote copy of `path` would have: its git blob sha1 and its sha256."""
-    data = path.read_bytes()
-    blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # noqa: S324 - git's object id, not security
-    return blob, hashlib.sha256(data).hexdigest()
+    return {"commit": None if info.oid == head else info.oid, "revision": info.oid,
+            "files": {name: sha256_file(path) for name, path in files.items()}}
