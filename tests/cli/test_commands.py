@@ -115,3 +115,21 @@ def test_quiet_lightning_prints_device_lines_once_and_restores_everything() -> N
         logger.setLevel(level)
     assert records == ["GPU available: False, used: False"] * 2
     assert warnings.filters == filters
+
+
+def test_import_and_export_commands_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    import rsae
+
+    teacher = make_sae("jumprelu")
+    rsae.save(teacher, tmp_path / "teacher")
+    assert main(["export", str(tmp_path / "teacher"), str(tmp_path / "saelens"), "--format", "saelens"]) == 0
+    assert "SAELens folder" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "saelens").iterdir()} >= {"cfg.json", "sae_weights.safetensors"}
+    assert main(["import", str(tmp_path / "saelens"), str(tmp_path / "back")]) == 0
+    assert "imported a saelens jumprelu SAE" in capsys.readouterr().out
+    x = torch.randn(16, teacher.cfg.d_in)
+    torch.testing.assert_close(rsae.load(tmp_path / "back")(x), teacher(x))
+    assert main(["import", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.startswith("rsae import: error: ")
