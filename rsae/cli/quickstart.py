@@ -21,6 +21,7 @@ import copy
 import csv
 import math
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -119,11 +120,15 @@ def stage_configs(args: argparse.Namespace, steps: dict[str, int]) -> dict[str, 
 
 
 def run(args: argparse.Namespace) -> int:
-    # Subnormal floats turn up in small CPU runs and slow them down up to 10x; off again afterwards, since
-    # the setting is global to the process (torch's default is off).
+    return with_flushed_denormals(_run, args)
+
+
+def with_flushed_denormals(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a pipeline command with subnormal floats flushed to zero: they turn up in small CPU runs and slow them
+    down up to 10x. Off again afterwards, since the setting is global to the process (torch's default is off)."""
     torch.set_flush_denormal(True)
     try:
-        return _run(args)
+        return command(args)
     finally:
         torch.set_flush_denormal(False)
 

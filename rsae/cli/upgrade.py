@@ -13,9 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
-from rsae.cli.quickstart import print_configs, run_pipeline, sequences_per_shard
+from rsae.cli.quickstart import print_configs, run_pipeline, sequences_per_shard, with_flushed_denormals
 from rsae.zoo.importers import FORMATS
 
 FITTED = ("rsae-init", "rsae", "control")
@@ -44,11 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.set_flush_denormal(True)  # as in the quickstart: subnormals slow small CPU runs down
-    try:
-        return _run(args)
-    finally:
-        torch.set_flush_denormal(False)
+    return with_flushed_denormals(_run, args)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -76,7 +76,7 @@ def build(args: argparse.Namespace) -> Path:
         from rsae.cli import quickstart as stages
     else:
         from rsae.cli import upgrade as stages
-    stages._run(pipeline)
+    stages.run(pipeline)
     folder = out / "entry"
     folder.mkdir(parents=True, exist_ok=True)
     for name, produced in ENTRY_FILES.items():

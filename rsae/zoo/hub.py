@@ -79,15 +79,17 @@ def _hub() -> Any:
 def _cached(entry: Card, revision: str | None, endpoint: str | None, files: tuple[str, ...]) -> Path | None:
     """The entry's folder in the HF cache when every file is there (verified), else None; asks no server."""
     hub = _hub()
-    paths = []
-    for file in files:
-        try:
-            paths.append(Path(hub.hf_hub_download(entry.hub["repo_id"], _in_repo(entry, file),
-                                                  revision=revision or entry.hub["revision"], local_files_only=True,
-                                                  endpoint=endpoint)))
-        except (hub.errors.LocalEntryNotFoundError, hub.errors.EntryNotFoundError, OSError):
-            return None
+    try:
+        paths = [_fetch(entry, file, revision, endpoint, local_files_only=True) for file in files]
+    except (hub.errors.LocalEntryNotFoundError, hub.errors.EntryNotFoundError, OSError):
+        return None
     return _verified(entry, paths)
+
+
+def _fetch(entry: Card, file: str, revision: str | None, endpoint: str | None, **options: Any) -> Path:
+    """One of the entry's files through `hf_hub_download`, at the card's revision unless another is asked for."""
+    return Path(_hub().hf_hub_download(entry.hub["repo_id"], _in_repo(entry, file),
+                                       revision=revision or entry.hub["revision"], endpoint=endpoint, **options))
 
 
 def _download(entry: Card, revision: str | None, endpoint: str | None, token: str | None,
@@ -97,9 +99,7 @@ def _download(entry: Card, revision: str | None, endpoint: str | None, token: st
     paths = []
     for file in files:
         try:
-            paths.append(Path(hub.hf_hub_download(entry.hub["repo_id"], _in_repo(entry, file),
-                                                  revision=revision or entry.hub["revision"], endpoint=endpoint,
-                                                  token=token)))
+            paths.append(_fetch(entry, file, revision, endpoint, token=token))
         except hub.errors.RevisionNotFoundError as err:
             raise ZooError(f"{where}: no such revision on the Hub; drop --revision to use the card's "
                            f"({entry.hub['revision']})") from err
