@@ -438,25 +438,32 @@ class ActivationDataModule(pl.LightningDataModule):
     def _prefetch_depth(self) -> int:
         if self.prefetch is not None:
             return self.prefetch
+        return 2 if self._device_type() != "cpu" else 0
+
+    def _device_type(self) -> str:
         trainer = self._trainer_or_none()
-        return 2 if trainer is not None and trainer.strategy.root_device.type != "cpu" else 0
+        return trainer.strategy.root_device.type if trainer is not None else "cpu"
+
+    def _loader(self, stream: RowStream) -> DataLoader:
+        # Pinned host batches let Lightning's non-blocking copy to a GPU overlap the step before it.
+        return DataLoader(stream, batch_size=None, num_workers=0, pin_memory=self._device_type() == "cuda")
 
     def train_dataloader(self) -> DataLoader:
         self._train = self._stream(self.train_shards, True, self._epoch)
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
-        return DataLoader(self._train, batch_size=None, num_workers=0)
+        return self._loader(self._train)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_shard_ids:
             return []
-        return DataLoader(self._stream(self.val_shard_ids, False, lambda: 0), batch_size=None)
+        return self._loader(self._stream(self.val_shard_ids, False, lambda: 0))
 
     def test_dataloader(self) -> DataLoader | list:
         if not self.test_shard_ids:
             return []
-        return DataLoader(self._stream(self.test_shard_ids, False, lambda: 0), batch_size=None)
+        return self._loader(self._stream(self.test_shard_ids, False, lambda: 0))
 
     # --- mid-epoch state ---------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -270,6 +270,9 @@ def test_prefetch_yields_the_same_batches_and_is_automatic_per_device(cache):  #
         return plain.train_dataloader().dataset.prefetch
 
     assert on("cpu") == 0 and on("cuda") == 2
+    assert plain.train_dataloader().pin_memory and plain.test_dataloader() == []  # cuda: pinned host batches
+    on("cpu")
+    assert not plain.train_dataloader().pin_memory
     with pytest.raises(ValueError, match="prefetch"):
         ActivationDataModule(cache, prefetch=-1)
 
@@ -286,3 +289,30 @@ def test_shuffle_block_covers_the_epoch_and_moves_runs(cache, block):  # type: i
         assert all(perm[i + 1] == perm[i] + 1 for i in range(95) if i % block != block - 1)
     with pytest.raises(ValueError, match="shuffle_block"):
         ActivationDataModule(cache, shuffle_block=0).train_dataloader()
+
+
+def test_a_cache_on_a_non_local_fsspec_filesystem_is_built_and_streamed(tmp_path):  # type: ignore[no-untyped-def]
+    """`memory://` stands in for a shared filesystem (S3, GCS, NFS through fsspec): `rsae cache` writes there,
+    resumes there, and the DataModule streams the same batches as from a local copy of the same request."""
+    import fsspec
+
+    from rsae.data.caching import CacheRequest, build_cache
+
+    lm = tiny_lm(n_layers=2)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 300)
+    url = f"memory://rsae-test-{tmp_path.name}/cache"
+    fields = dict(model=lm.name, hooks=(HOOK,), corpus=str(corpus), n_tokens=1200, seq_len=16, sequences_per_shard=15,
+                  batch_size=16, progress=False)
+    remote = build_cache(CacheRequest(out=url, **fields), lm=lm, log=lambda *a: None)
+    local = build_cache(CacheRequest(out=str(tmp_path / "local"), **fields), lm=lm, log=lambda *a: None)
+    assert remote.manifest["shards"] == local.manifest["shards"] and not remote.store.local
+    assert fsspec.filesystem("memory").exists(f"/rsae-test-{tmp_path.name}/cache/manifest.json")
+    rerun = build_cache(CacheRequest(out=url, **fields), lm=lm, log=lambda *a: None)  # resumes: nothing to do
+    assert rerun.manifest["shards"] == remote.manifest["shards"]
+    a = ActivationDataModule(url, batch_size=32, val_shards=1, normalize=True, return_token_ids=True)
+    b = ActivationDataModule(str(tmp_path / "local"), batch_size=32, val_shards=1, normalize=True,
+                             return_token_ids=True)
+    assert a.norm_factor == b.norm_factor and a.d_in == b.d_in == lm.d_model
+    for (x, i), (y, j) in zip(a.train_dataloader(), b.train_dataloader(), strict=True):
+        assert torch.equal(x, y) and torch.equal(i, j)
