@@ -69,3 +69,26 @@ def test_zoo_build_fetches_upgrades_evaluates_and_pushes(tmp_path: Path, monkeyp
         built = rsae.load(entry)
         x = torch.randn(8, D_IN)
         assert torch.equal(model(x), built(x)) and model.cfg.hook_name == "blocks.1.hook_resid_post"
+
+
+def test_zoo_build_of_a_recipe_trained_entry_runs_the_quickstart_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A card whose teacher is "trained by the recipe" builds through `rsae quickstart`'s stages, no Hub needed."""
+    cards = tmp_path / "cards"
+    entry = registry.Card(name="tiny-gpt2/L1/topk", status="recipe",
+                          lm={"name": "tiny-gpt2", "hook_name": "blocks.1.hook_resid_post"},
+                          teacher={"source": "recipe", "license": "Apache-2.0"},
+                          recipe={"command": "quickstart", "args": {"family": "topk", "layer": 1, "d_sae": 64, "k": 4,
+                                                                    "teacher_epochs": 2, "finetune_epochs": 1,
+                                                                    "batch_size": 512, "ce_sequences": 4,
+                                                                    "precision": "32-true"}},
+                          hub={"repo_id": "rsae-test/zoo", "path_in_repo": "L1/topk", "revision": "main"})
+    registry.write_card(entry, cards)
+    monkeypatch.setattr(registry, "cards_root", lambda: cards)
+    out = tmp_path / "build"
+    lm = tiny_hf_lm(tmp_path / "lm")
+    assert main(["zoo", "build", "tiny-gpt2/L1/topk", "--model", str(lm), "--n-tokens", "6400", "--out", str(out)]) == 0
+    assert "[teacher] TeacherTraining" in capsys.readouterr().out
+    built = json.loads((out / "card" / "tiny-gpt2" / "L1" / "topk.json").read_text())
+    assert built["status"] == "recipe" and built["evaluation"]["table"]["teacher"]["l0"] == 4.0
+    assert rsae.load(out / "entry").cfg.hook_name == "blocks.1.hook_resid_post"
