@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         p, q = fit.degree
         print(
             f"{fit.target} ({p},{q}) threshold={fit.threshold:g} gap={fit.gap:g} smoothing={fit.smoothing:g}: "
-            f"max_error={fit.max_error:.4e} (outside the gap), gap_overshoot={fit.gap_overshoot:.2e}, "
+            f"max_error={fit.max_error:.4e} (outside the gap; {fit.fine_max_error():.4e} on the fine check grid), "
+            f"gap_overshoot={fit.gap_overshoot:.2e}, "
             f"min_q={fit.min_q:.4g}, {fit.iterations} LPs, {fit.seconds:.2f} s"
         )
     return 0

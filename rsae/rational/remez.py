@@ -131,6 +131,13 @@ class GateFit:
         """Evaluate r(t); meaningful on [-1, 1] only (rationals extrapolate badly)."""
         return evaluate_rational(self.numerator, self.denominator, t)
 
+    def fine_max_error(self) -> float:
+        """max |r - target| outside the gap on the fine check grid (`fine_grid`): the error between the points
+        of the fit's own grid too, which `max_error` does not see."""
+        t = fine_grid(self.threshold)
+        outside = np.abs(t - self.threshold) >= self.gap
+        return float(np.abs(self(t[outside]) - gate_target(t[outside], self.threshold, self.smoothing)).max())
+
     def to_json(self) -> dict[str, Any]:
         """JSON-safe summary: settings, coefficients and errors, without the grid arrays."""
         return {
@@ -140,6 +147,7 @@ class GateFit:
             "gap": float(self.gap),
             "smoothing": float(self.smoothing),
             "max_error": float(self.max_error),
+            "fine_max_error": self.fine_max_error(),
             "level": float(self.level),
             "gap_overshoot": float(self.gap_overshoot),
             "min_q": float(self.min_q),
@@ -149,6 +157,18 @@ class GateFit:
             "numerator": [float(v) for v in self.numerator],
             "denominator": [float(v) for v in self.denominator],
         }
+
+
+FINE_GRID_POINTS = 1_000_001
+"""Uniform points of the fine check grid on [-1, 1], to which `fine_grid` adds points clustered at the kink."""
+
+
+def fine_grid(threshold: float, points: int = FINE_GRID_POINTS, clustered: int = 200_000) -> np.ndarray:
+    """A check grid over [-1, 1]: `points` uniform points plus `clustered` points at distances 1e-12..1 either
+    side of the kink or jump, where a rational's error peaks between the points of any uniform grid."""
+    near = np.logspace(-12, 0, clustered // 2)
+    t = np.concatenate([np.linspace(-1.0, 1.0, points), threshold - near, threshold + near])
+    return np.unique(np.clip(t, -1.0, 1.0))
 
 
 def evaluate_rational(numerator: np.ndarray, denominator: np.ndarray, t: np.ndarray) -> np.ndarray:

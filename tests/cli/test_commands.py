@@ -18,8 +18,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_remez_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["remez", "--target", "jumprelu", "--degree", "5", "4", "--gap", "0.1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ["target", "degree", "threshold", "gap", "max_error", "min_q", "grid_points", "seconds",
-                "iterations", "numerator", "denominator"]:
+    for key in ["target", "degree", "threshold", "gap", "max_error", "fine_max_error", "min_q", "grid_points",
+                "seconds", "iterations", "numerator", "denominator"]:
         assert key in out
     assert out["degree"] == [5, 4] and out["gap"] == 0.1 and len(out["numerator"]) == 6
 

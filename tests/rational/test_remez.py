@@ -245,3 +245,18 @@ def test_script_runs_as_module_entry() -> None:
         text=True,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_fine_grid_error_sees_between_the_fitting_grid_points() -> None:
+    """The fine check grid (uniform plus clustered at the kink) contains the fitting grid's error and can only
+    find more; for a high-degree ReLU fit it finds more (benchmarks/results/remez_accuracy.md)."""
+    from rsae.rational.remez import fine_grid
+
+    t = fine_grid(0.5)
+    assert t.min() == -1.0 and t.max() == 1.0 and np.all(np.diff(t) > 0) and t.size > 1_000_000
+    assert np.min(np.abs(t - 0.5)[np.abs(t - 0.5) > 0]) < 1e-11  # clustered at the threshold
+    coarse = fit_gate("relu", (5, 4), grid_points=201)
+    assert coarse.fine_max_error() >= coarse.max_error
+    assert coarse.to_json()["fine_max_error"] == coarse.fine_max_error()
+    shipped = lookup_fit("relu", (12, 12))
+    assert shipped is not None and shipped.fine_max_error() > 1.01 * shipped.max_error
