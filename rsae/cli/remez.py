@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--smoothing", type=float, default=None, help="half-width of a C1 smoothstep instead of the jump"
     )
     parser.add_argument("--grid-points", type=int, default=DEFAULT_GRID_POINTS, help="uniform grid size on [-1, 1]")
+    parser.add_argument("--refine", action="store_true",
+                        help="refine the points with the local maxima of the error on a fine check grid until the "
+                             "fit is within 0.5%% of the true minimax error")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     parser.add_argument("--plot", default=None, metavar="PNG", help="write target, fit and error curve to this PNG")
 
@@ -40,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Fit as the parsed arguments say and print the result (bad input raises ValueError: exit 2 in `rsae`)."""
     fit = fit_gate(args.target, tuple(args.degree), threshold=args.threshold, gap=args.gap,
-                   smoothing=args.smoothing, grid_points=args.grid_points)
+                   smoothing=args.smoothing, grid_points=args.grid_points, refine=args.refine)
     if args.plot:
         plot_fit(fit, args.plot)
     if args.json:

@@ -159,6 +159,12 @@ class GateFit:
         }
 
 
+REFINE_ROUNDS = 6
+REFINE_POINTS = 64
+"""Refinement rounds at most, and fine-grid local maxima added per round (the largest), for `fit_gate(refine=True)`."""
+REFINE_TOLERANCE = 0.005
+"""Relative gap between the fine-grid error and the level on the fitted points at which refinement stops."""
+
 FINE_GRID_POINTS = 1_000_001
 """Uniform points of the fine check grid on [-1, 1], to which `fine_grid` adds points clustered at the kink."""
 
@@ -423,6 +429,7 @@ def fit_gate(
     grid_points: int = DEFAULT_GRID_POINTS,
     max_iter: int = 400,
     tol: float = 1e-4,
+    refine: bool = False,
 ) -> GateFit:
     """Minimax fit of a gate on [-1, 1] by P(t) / (1 + sum c_j |t|^j), c_j >= 0.
 
@@ -435,25 +442,44 @@ def fit_gate(
     of a C1 smoothstep replacing the hard step (see GateFit.smoothing). grid_points: uniform grid
     size (odd keeps t = 0 on the grid). max_iter: cap on LP solves. tol: relative tolerance of
     the exchange (grid error vs reference error) and, scaled by 1e-2, of the per-step progress
-    that keeps differential correction going.
+    that keeps differential correction going. refine: after the fit, add the local maxima of its error on
+    the fine check grid (`fine_grid`) to the points and fit again, until the fine-grid error is within
+    REFINE_TOLERANCE of the level on the points (then within that of the true minimax error), at most
+    REFINE_ROUNDS times.
 
     Raises ValueError on bad input, naming the problem and the accepted values.
     """
     p, q, theta, gap_, w = _resolve_settings(target, degree, threshold, gap, smoothing, grid_points)
     start = time.perf_counter()
     x = np.linspace(-1.0, 1.0, grid_points)
-    f = gate_target(x, theta, w)
-    in_gap = np.abs(x - theta) < gap_
-    pb = _Problem(
-        x=x,
-        lo=np.where(in_gap, np.minimum(0.0, x), f),
-        hi=np.where(in_gap, np.maximum(0.0, x), f),
-        p=p,
-        q=q,
-    )
-    numerator, denominator, iterations = _solve_minimax(pb, max_iter, tol)
+    iterations = 0
+    for _ in range(1 + (REFINE_ROUNDS if refine else 0)):
+        pb = _problem(x, theta, gap_, w, p, q)
+        numerator, denominator, used = _solve_minimax(pb, max_iter, tol)
+        iterations += used
+        if not refine:
+            break
+        # Exchange with the continuous error: the fine check grid's local maxima above the level reached on
+        # the points fitted so far join them. The level on any point set bounds the true minimax error from
+        # below, and the fine-grid error bounds this fit's from above: within REFINE_TOLERANCE, done.
+        level = float(_distance(evaluate_rational(numerator, denominator, pb.x), pb.lo, pb.hi).max())
+        fine = _problem(fine_grid(theta), theta, gap_, w, p, q)
+        dist = _distance(evaluate_rational(numerator, denominator, fine.x), fine.lo, fine.hi)
+        if dist.max() <= (1.0 + REFINE_TOLERANCE) * level:
+            break
+        peaks = _local_maxima(dist)
+        peaks = peaks[dist[peaks] > level]
+        x = np.union1d(x, fine.x[peaks[np.argsort(dist[peaks])[-REFINE_POINTS:]]])
     seconds = time.perf_counter() - start
     return _finish(target, (p, q), theta, gap_, w, numerator, denominator, iterations, seconds, grid_points)
+
+
+def _problem(x: np.ndarray, theta: float, gap: float, w: float, p: int, q: int) -> _Problem:
+    """The band each point's value must lie in: the gate itself, or inside the gap the span of its branches."""
+    f = gate_target(x, theta, w)
+    in_gap = np.abs(x - theta) < gap
+    return _Problem(x=x, lo=np.where(in_gap, np.minimum(0.0, x), f), hi=np.where(in_gap, np.maximum(0.0, x), f),
+                    p=p, q=q)
 
 
 def table_fits(grid_points: int = DEFAULT_GRID_POINTS) -> list[GateFit]:
