@@ -171,7 +171,7 @@ def run_pipeline(args: argparse.Namespace, fit: tuple[str, ...], start: float) -
             reports.append(read_report(out / "reports" / stage))
     plot_mse_vs_l0(reports, out / "mse_vs_l0.png")
     plot_training_curves({stage: out / stage for stage in STAGES}, out / "training_curves.png")
-    print("\n" + compare(reports, TABLE_METRICS))
+    print("\n" + compare(reports, TABLE_METRICS, l0_reference=0))  # every run against the teacher's L0
     print(f"\nreports, plots and checkpoints in {out}/ (gate shapes: {out}/reports/rsae/gate_shapes.png, "
           f"training curves: {out}/training_curves.png); {time.perf_counter() - start:.0f} s in all")
 

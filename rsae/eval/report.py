@@ -302,22 +302,45 @@ def _distinct_parts(paths: Sequence[tuple[str, ...]]) -> list[str]:
     return ["/".join(p[lead:len(p) - trail]) for p in paths]
 
 
+COMPARABLE_L0 = 0.10
+"""Relative L0 difference to the reference run beyond which `compare` marks a run as not comparable."""
+
+
 def compare(reports: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None = None,
-            markdown: bool = False, labels: Sequence[str] | None = None) -> str:
+            markdown: bool = False, labels: Sequence[str] | None = None, l0_reference: int | None = None) -> str:
     """One column per run, one row per metric (default: every metric any run has, standard ones first);
     a run without a metric shows "-". Plain aligned text, or a markdown table with `markdown`. Columns are
-    headed by `labels` (default: `run_labels(reports)`)."""
+    headed by `labels` (default: `run_labels(reports)`).
+
+    With `l0_reference` (a column index, e.g. the teacher's), a last row says whether each run's L0 lies within
+    `COMPARABLE_L0` of that run's: reconstruction bought with more active latents (a dense `pure` gate, an L0
+    that drifted in fine-tuning) is then marked "NO (L0 +x%)" instead of reading as a win."""
     if not reports:
         raise ValueError("compare needs at least one report")
     rows = list(metrics) if metrics else _ordered_metrics(name for r in reports for name in r.get("metrics", {}))
     header = ["metric", *(labels if labels is not None else run_labels(reports))]
     table = [[name, *(_fmt(r.get("metrics", {}).get(name)) for r in reports)] for name in rows]
+    if l0_reference is not None:
+        table.append(["comparable_l0", *_comparable(reports, l0_reference)])
     if markdown:
         return "\n".join(_table(header, table)) + "\n"
     widths = [max(len(row[i]) for row in (header, *table)) for i in range(len(header))]
     lines = [header, ["-" * w for w in widths], *table]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
                                enumerate(zip(row, widths, strict=True))).rstrip() for row in lines) + "\n"
+
+
+def _comparable(reports: Sequence[Mapping[str, Any]], reference: int) -> list[str]:
+    ref = (reports[reference].get("metrics") or {}).get("l0")
+    cells = []
+    for report in reports:
+        l0 = (report.get("metrics") or {}).get("l0")
+        if ref is None or l0 is None or ref == 0:
+            cells.append("-")
+            continue
+        change = l0 / ref - 1
+        cells.append("yes" if abs(change) <= COMPARABLE_L0 else f"NO (L0 {change:+.0%})")
+    return cells
 
 
 def plot_mse_vs_l0(reports: Sequence[Mapping[str, Any]], path: str | os.PathLike[str],

@@ -57,6 +57,12 @@ class SAEModule(pl.LightningModule):
         min_lr_ratio: final learning rate as a fraction of the peak.
         sparsity_coefficient: weight of the family's sparsity term (ignored by topk, which fixes k).
         sparsity_warmup_steps: the sparsity weight ramps up linearly over these steps (0: from the start).
+        target_l0: hold L0 at this value while training by scaling the sparsity coefficient, a multiplicative
+            controller (`log multiplier += l0_controller_gain * (l0 / target_l0 - 1)` after every step, the batch
+            L0 averaged over ranks); 'initial': the L0 of the first training batch (fine-tuning from a teacher or
+            an RSAE-init: the teacher's), so that the RSAE and the control end at the L0 they started from and
+            compare like for like; None: off. Only families with a sparsity term (not TopK) are moved by it.
+        l0_controller_gain: the controller's step size in log units per unit of relative L0 error.
         auxk_coefficient: weight of the AuxK loss on dead latents (topk family).
         dead_window_tokens: a latent that has not fired in this many training tokens counts as dead.
         decoder: 'unit_norm' keeps decoder rows at unit norm (gradient projected, rows renormalised after each
@@ -70,7 +76,9 @@ class SAEModule(pl.LightningModule):
 
     def __init__(self, lr: float = 1e-3, gate_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_steps: int = 100, decay: Decay = "cosine", min_lr_ratio: float = 0.1,
-                 sparsity_coefficient: float = 0.0, sparsity_warmup_steps: int = 0, auxk_coefficient: float = 1 / 32,
+                 sparsity_coefficient: float = 0.0, sparsity_warmup_steps: int = 0,
+                 target_l0: float | Literal["initial"] | None = None, l0_controller_gain: float = 0.02,
+                 auxk_coefficient: float = 1 / 32,
                  dead_window_tokens: int = 10_000_000, decoder: DecoderHandling = "auto", export_dir: str | None = None,
                  evaluation: EvalConfig | None = None, d_in: int | None = None, hook_name: str | None = None,
                  model_name: str | None = None) -> None:
@@ -84,6 +92,9 @@ class SAEModule(pl.LightningModule):
         self.lr, self.gate_lr, self.betas = lr, gate_lr, tuple(betas)
         self.warmup_steps, self.decay, self.min_lr_ratio = warmup_steps, decay, min_lr_ratio
         self.sparsity_coefficient, self.sparsity_warmup_steps = sparsity_coefficient, sparsity_warmup_steps
+        if target_l0 not in (None, "initial") and not (isinstance(target_l0, (int, float)) and target_l0 > 0):
+            raise ValueError(f"target_l0={target_l0!r}: expected a positive number, 'initial' or None")
+        self.target_l0, self.l0_controller_gain = target_l0, l0_controller_gain
         self.auxk_coefficient, self.dead_window_tokens = auxk_coefficient, dead_window_tokens
         self.decoder_handling = decoder
         self.export_dir = export_dir
@@ -105,6 +116,9 @@ class SAEModule(pl.LightningModule):
         self.register_buffer("b_dec_initialised", torch.tensor(False))
         # Whether rows were at unit norm when the fit began: decided once, and kept across a resume.
         self.register_buffer("decoder_started_at_unit_norm", torch.tensor(True))
+        # The L0 controller's state (see target_l0), in buffers so that a resumed fit continues it exactly.
+        self.register_buffer("l0_target_value", torch.tensor(float("nan"), dtype=torch.float64))
+        self.register_buffer("sparsity_log_multiplier", torch.tensor(0.0, dtype=torch.float64))
 
     def _check_against_data(self, cfg: SAEConfig) -> None:
         for name, theirs in (("d_in", self.data_d_in), ("hook_name", self.data_hook_name)):
@@ -175,9 +189,21 @@ class SAEModule(pl.LightningModule):
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
 
     def sparsity_weight(self) -> float:
-        if self.sparsity_warmup_steps <= 0:
-            return self.sparsity_coefficient
-        return self.sparsity_coefficient * min(1.0, (self.global_step + 1) / self.sparsity_warmup_steps)
+        ramp = 1.0 if self.sparsity_warmup_steps <= 0 else min(1.0, (self.global_step + 1) / self.sparsity_warmup_steps)
+        return self.sparsity_coefficient * ramp * math.exp(float(self.sparsity_log_multiplier))
+
+    def _control_l0(self, l0: Tensor) -> None:
+        """One step of the L0 controller (see `target_l0`)."""
+        if self.target_l0 is None:
+            return
+        l0 = l0.detach().double()
+        if self._trainer is not None:
+            l0 = self.trainer.strategy.reduce(l0, reduce_op="mean")
+        if torch.isnan(self.l0_target_value):
+            self.l0_target_value.fill_(float(l0) if self.target_l0 == "initial" else float(self.target_l0))
+        error = float(l0) / max(float(self.l0_target_value), 1e-12) - 1.0
+        self.sparsity_log_multiplier.add_(self.l0_controller_gain * error).clamp_(-20.0, 20.0)
+        self.log("train/sparsity_multiplier", math.exp(float(self.sparsity_log_multiplier)), prog_bar=False)
 
     # --- training ------------------------------------------------------------------------------
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -194,6 +220,7 @@ class SAEModule(pl.LightningModule):
         if not bool(self.b_dec_initialised):
             self.initialise_b_dec(x)
         total, logs = self.loss(x)
+        self._control_l0(logs["l0"])
         if not torch.isfinite(total):
             raise FloatingPointError(
                 f"training loss is {total.item()} at step {self.global_step}; lower the learning rate "

@@ -157,3 +157,12 @@ def test_gate_curves_match_forward(family, mode):
     with torch.no_grad():
         z = model.activate(dense).dense(model.cfg.d_sae)[:, curves["features"]].T
     torch.testing.assert_close(torch.tensor(curves["model"]), z)
+
+
+def test_compare_marks_runs_far_from_the_reference_l0_as_not_comparable() -> None:
+    teacher = make_report("teacher", make_sae("relu"), {"mse": 10.0, "l0": 32.0}, {})
+    close = make_report("rsae", make_sae("relu"), {"mse": 9.0, "l0": 34.0}, {})
+    dense = make_report("pure", make_sae("relu"), {"mse": 2.0, "l0": 128.0}, {})
+    table = compare([teacher, close, dense], ["mse", "l0"], l0_reference=0).splitlines()
+    assert table[-1].split(None, 3) == ["comparable_l0", "yes", "yes", "NO (L0 +300%)"]
+    assert "comparable_l0" not in compare([teacher, dense], ["mse"])

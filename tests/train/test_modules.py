@@ -286,3 +286,25 @@ def test_step_progress_bar_shows_the_step_budget() -> None:
     assert bar._get_train_description(2) == "Epoch 2 · step 1200/2000"
     bar._trainer = SimpleNamespace(max_steps=-1, global_step=5, max_epochs=3)
     assert bar._get_train_description(1).strip() == "Epoch 1/2"
+
+
+def test_l0_controller_holds_the_starting_l0_where_the_fixed_coefficient_drifts(cache: str, tmp_path: Path) -> None:
+    """Fine-tuning a ReLU teacher with another sparsity coefficient than it was trained with moves L0 far from
+    where it started; with target_l0='initial' the controller scales the coefficient until L0 stays there."""
+    dm = datamodule(cache)
+    teacher = TeacherTraining(family="relu", d_sae=128, lr=3e-3, warmup_steps=5, sparsity_coefficient=10.0,
+                              export_dir=str(tmp_path / "teacher" / "sae"), evaluation=NO_CE, **linked(dm))
+    fit(teacher, dm, tmp_path / "teacher", 60)
+    runs = {}
+    for name, target in (("free", None), ("held", "initial")):
+        module = FineTuning(init=str(tmp_path / "teacher" / "sae"), lr=3e-3, warmup_steps=1, sparsity_coefficient=0.5,
+                            target_l0=target, l0_controller_gain=0.5, evaluation=NO_CE, **linked(dm))
+        fit(module, dm, tmp_path / name, 120)
+        runs[name] = module
+    start = float(runs["held"].l0_target_value)
+    held = held_out_metrics(runs["held"], dm, tmp_path / "held-test")["l0"]
+    free = held_out_metrics(runs["free"], dm, tmp_path / "free-test")["l0"]
+    assert abs(free - start) > 0.3 * start  # the drift the controller exists for
+    assert abs(held - start) < 0.1 * start and float(runs["held"].sparsity_log_multiplier) != 0
+    with pytest.raises(ValueError, match="target_l0"):
+        FineTuning(init=str(tmp_path / "teacher" / "sae"), target_l0=-3, **linked(dm))
