@@ -1,7 +1,7 @@
-"""Regenerate rsae/remez_tables.json: minimax gate fits at the standard targets and degrees.
+"""Regenerate rsae/rational/remez_tables.json: minimax gate fits at the standard targets and degrees.
 
 Run from the repository root: `python scripts/make_remez_tables.py`. The fits are deterministic
-(HiGHS is), so tests/test_remez.py re-runs some of them and compares with the table.
+(HiGHS is), so tests/rational/test_remez.py re-runs some of them and compares with the table.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import scipy
 
 from rsae.rational.remez import CANONICAL_THRESHOLD, DEFAULT_GAP, DEFAULT_GRID_POINTS, TABLE_FORMAT_VERSION, table_fits
 
-OUTPUT = Path(__file__).resolve().parent.parent / "rsae" / "remez_tables.json"
+OUTPUT = Path(__file__).resolve().parent.parent / "rsae" / "rational" / "remez_tables.json"
 
 
 def main() -> int:
