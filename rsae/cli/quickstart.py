@@ -237,16 +237,27 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
+STARTS_AFTER = {"rsae-init": "teacher", "rsae": "rsae-init", "control": "teacher"}
+"""The stage each one continues from: its curve starts where that one's ended, on one step axis."""
+
+
 def plot_training_curves(folders: dict[str, Path], path: Path) -> None:
-    """Training MSE of every stage against step, from the stages' CSV logs."""
+    """Training MSE of every stage on one step axis, from the stages' CSV logs: the RSAE and the control start
+    after the teacher's steps (the RSAE after its calibration's too), so the extra training they got shows."""
     from rsae.eval.plots import plot_curves
 
-    runs = {}
-    for name, folder in folders.items():
+    runs: dict[str, tuple[list[int], list[float]]] = {}
+    ends: dict[str, int] = {}
+    for name, folder in folders.items():  # STAGES order: every stage after the one it continues from
         log = folder / "logs" / "version_0" / "metrics.csv"
-        if log.is_file():
-            with log.open() as handle:
-                rows = [r for r in csv.DictReader(handle) if r.get("train/mse")]
-            if rows:
-                runs[name] = ([int(r["step"]) for r in rows], [float(r["train/mse"]) for r in rows])
+        if not log.is_file():
+            continue
+        with log.open() as handle:
+            logged = [r for r in csv.DictReader(handle) if r.get("step")]
+        offset = ends.get(STARTS_AFTER.get(name, ""), 0)
+        # A stage that logs no MSE (the calibration fits the gate alone) still moves the axis on.
+        ends[name] = offset + max((int(r["step"]) for r in logged), default=0)
+        rows = [r for r in logged if r.get("train/mse")]
+        if rows:
+            runs[name] = ([offset + int(r["step"]) for r in rows], [float(r["train/mse"]) for r in rows])
     plot_curves({"training MSE (normalised units)": runs}, path)

@@ -60,3 +60,26 @@ def test_print_configs_shows_each_stage_as_its_yaml_with_the_flags_applied(tmp_p
     assert configs["control"]["model"]["init_args"]["init"] == str(tmp_path / "qs" / "teacher" / "sae")
     assert configs["test/rsae"]["model"]["class_path"] == "rsae.train.Evaluation"
     assert not (tmp_path / "qs").exists()  # printing runs nothing
+
+
+def test_training_curves_put_the_students_after_the_teacher_on_one_axis(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from rsae.cli import quickstart
+    from rsae.eval import plots
+
+    def log(stage: str, steps: list[int], mse: bool = True) -> None:
+        folder = tmp_path / stage / "logs" / "version_0"
+        folder.mkdir(parents=True)
+        rows = "".join(f"{s},{'1.0' if mse else ''}\n" for s in steps)
+        (folder / "metrics.csv").write_text("step,train/mse\n" + rows)
+
+    log("teacher", [9, 19, 399])
+    log("rsae-init", [9], mse=False)  # the calibration logs no MSE, but its steps count
+    log("rsae", [9, 159])
+    log("control", [9, 159])
+    drawn: dict = {}
+    monkeypatch.setattr(plots, "plot_curves", lambda panels, path: drawn.update(panels))
+    quickstart.plot_training_curves({s: tmp_path / s for s in RUNS}, tmp_path / "curves.png")
+    curves = drawn["training MSE (normalised units)"]
+    assert curves["teacher"][0] == [9, 19, 399] and "rsae-init" not in curves
+    assert curves["control"][0] == [408, 558] and curves["rsae"][0] == [417, 567]
