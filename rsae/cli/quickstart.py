@@ -31,7 +31,6 @@ import yaml
 
 STAGES = ("teacher", "rsae-init", "rsae", "control")
 CONFIG_OF_STAGE = {"teacher": "teacher", "rsae-init": "calibrate", "rsae": "finetune", "control": "control"}
-TABLE_METRICS = ["mse", "explained_variance", "l0", "alive_fraction", "ce_degradation", "loss_recovered"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +156,7 @@ def sequences_per_shard(args: argparse.Namespace) -> int:
 def run_pipeline(args: argparse.Namespace, fit: tuple[str, ...], start: float) -> None:
     """Fit the `fit` stages from their configs (a finished stage is reused), test all four, print the table."""
     from rsae.cli.lightning import quiet_lightning
-    from rsae.eval.report import compare, plot_mse_vs_l0, read_report
+    from rsae.eval.report import TABLE_METRICS, compare, plot_mse_vs_l0, read_report
 
     out: Path = args.out
     configs = stage_configs(args, _steps(args, steps_per_epoch(args)))

@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
 def build(args: argparse.Namespace) -> Path:
     """Build `args.name` from its card with the quickstart / upgrade stages, evaluate it, write the entry folder
     and the updated card under `--out`, and push them when asked. Returns the entry folder."""
+    from rsae.cli.quickstart import STAGES
+    from rsae.eval.report import TABLE_METRICS
     from rsae.zoo.modelcard import model_card
     from rsae.zoo.registry import card, write_card
 
@@ -82,8 +84,10 @@ def build(args: argparse.Namespace) -> Path:
     for name, produced in ENTRY_FILES.items():
         if (out / produced).is_file():
             shutil.copy2(out / produced, folder / name)
-    table = {run: json.loads((out / "reports" / run / "report.json").read_text())["metrics"]
-             for run in ("teacher", "rsae-init", "rsae", "control")}
+    table = {}
+    for run in STAGES:
+        metrics = json.loads((out / "reports" / run / "report.json").read_text())["metrics"]
+        table[run] = {metric: metrics.get(metric) for metric in TABLE_METRICS}
     cfg = json.loads((folder / "cfg.json").read_text())
     built = dataclasses.replace(entry, evaluation={"table": table, "data": f"{pipeline.corpus}, held-out shard of "
                                                    f"{pipeline.n_tokens} cached tokens",

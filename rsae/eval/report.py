@@ -63,6 +63,10 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 """The standard metrics, in the order tables list them."""
 
+TABLE_METRICS: tuple[str, ...] = ("mse", "explained_variance", "l0", "alive_fraction", "ce_degradation",
+                                  "loss_recovered")
+"""The side-by-side table of a pipeline run (quickstart, upgrade, zoo cards)."""
+
 REPORT_FILE = "report.json"
 PLOT_FILES: dict[str, str] = {"density": "density.png", "gate_shapes": "gate_shapes.png", "training": "training.png"}
 

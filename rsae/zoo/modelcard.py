@@ -9,9 +9,6 @@ import yaml
 
 from rsae.zoo.registry import Card
 
-TABLE_METRICS = ("mse", "explained_variance", "l0", "alive_fraction", "ce_degradation", "loss_recovered")
-RUNS = ("teacher", "rsae-init", "rsae", "control")
-
 
 def model_card(entry: Card, cfg: dict[str, Any]) -> str:
     """Markdown with front matter (`library_name: rsae`, tags, `base_model`) for the entry's folder on the Hub."""
@@ -25,11 +22,12 @@ def model_card(entry: Card, cfg: dict[str, Any]) -> str:
              f"`{entry.lm.get('hook_name')}` in `{entry.lm.get('name')}`, upgraded from {entry.teacher.get('source')}.",
              "", "```python", "import rsae", f'model = rsae.zoo.load("{entry.name}")', "```", ""]
     if table:
-        lines += ["## Evaluation", "", "| metric | " + " | ".join(r for r in RUNS if r in table) + " |",
-                  "|---|" + "---|" * sum(r in table for r in RUNS)]
-        for metric in TABLE_METRICS:
-            cells = [_fmt(table[r].get(metric)) for r in RUNS if r in table]
-            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+        # The card's table holds the runs and metrics in the order `rsae zoo build` measured them.
+        runs = list(table)
+        metrics = list(dict.fromkeys(metric for run in runs for metric in table[run]))
+        lines += ["## Evaluation", "", "| metric | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+        for metric in metrics:
+            lines.append(f"| {metric} | " + " | ".join(_fmt(table[r].get(metric)) for r in runs) + " |")
         data = entry.evaluation.get("data")
         lines += ["", f"Measured on {data}." if data else "", "The control is the teacher fine-tuned with the same "
                   "recipe, data and steps: the RSAE's gain over it is what the rational gate adds.", ""]
