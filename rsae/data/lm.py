@@ -199,6 +199,8 @@ def apply_processing(lm: LanguageModel, processing: dict[str, bool] | None) -> L
     unknown = sorted(set(processing) - set(LM_PROCESSING_OPTIONS))
     if unknown:
         raise ValueError(f"unknown LM processing option(s) {unknown}; known: {', '.join(LM_PROCESSING_OPTIONS)}")
+    if not any(processing.values()):
+        return lm  # every option off is the model's own weights: the same stream, and the same cache identity
     if lm.processing is not None:
         raise ValueError(f"{lm.name} is already processed ({lm.processing}); load it again to process it otherwise")
     options = {key: bool(processing.get(key, False)) for key in LM_PROCESSING_OPTIONS}

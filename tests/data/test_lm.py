@@ -116,6 +116,7 @@ def test_hooked_transformer_processing_changes_the_stream_as_it_should() -> None
     stream = hook_activations(centred, tokens, [hook])[hook]
     assert raw.mean(-1).abs().max() > 1e-2 and stream.mean(-1).abs().max() < 1e-5
     torch.testing.assert_close(stream, raw - raw.mean(-1, keepdim=True), rtol=1e-4, atol=1e-4)
+    assert apply_processing(tiny_lm(n_layers=2), dict.fromkeys(folded.processing, False)).processing is None
     with pytest.raises(ValueError, match="unknown LM processing option"):
         apply_processing(tiny_lm(n_layers=2), {"centre_writing_weights": True})
     with pytest.raises(ValueError, match="already processed"):
