@@ -75,7 +75,10 @@ def main() -> int:
                   "cd / && python -c \"import rsae\ntry:\n    rsae.zoo.load('gpt2-small/L8/topk')\nexcept "
                   "rsae.zoo.ZooError as err:\n    assert 'rsae zoo build' in str(err), err\"",
                   "cd / && python -c \"from importlib import resources; assert (resources.files('rsae') / 'configs' / "
-                  "'topk-teacher.yaml').is_file()\""]
+                  "'topk-teacher.yaml').is_file()\"",
+                  # The shipped weights are in the wheel: a published entry loads with no network and no HF cache.
+                  "cd / && HF_HUB_OFFLINE=1 HF_HOME=$(mktemp -d) python -c \"import rsae; "
+                  "print(rsae.zoo.load('smollm2-135m/L15/topk'))\""]
         for step in checks:
             print(f"$ {step}", flush=True)
             if subprocess.run(["bash", "-c", step], cwd=context, env=env).returncode != 0:

@@ -20,6 +20,7 @@ LIGHTNING_HELP = {"fit": "train a stage from a YAML config (LightningCLI; see co
 COMMANDS: dict[str, str] = {
     "quickstart": "run the whole pipeline on built-in data and print a table",
     "upgrade": "the same pipeline for an SAE you have: import it, calibrate, fine-tune, compare",
+    "study": "the reproduction study: a grid of pipelines (families x sparsities x modes x seeds), resumable",
     "import": "import an SAE from a public format (SAELens, sparsify, dictionary_learning, Gemma Scope, OpenAI)",
     "export": "export an rsae checkpoint to another library's format (SAELens)",
     "zoo": "the model zoo: list, card, pull, push, build",

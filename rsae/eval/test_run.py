@@ -151,8 +151,11 @@ def held_out_sequences(datamodule: Any, n: int) -> Tensor:
 
 def _load_lm(datamodule: Any) -> Any:
     cache = getattr(datamodule, "cache", None)
-    if cache is None:
-        return datamodule.source.lm
+    return datamodule.source.lm if cache is None else cache_lm(cache)
+
+
+def cache_lm(cache: Any) -> Any:
+    """The LM an activation cache was made with, processed the same way (loaded once per process)."""
     source = cache.manifest.get("model_source") or cache.model
     processing = cache.manifest.get("lm_processing")
     return _language_model(source if Path(str(source)).is_dir() else cache.model,

@@ -157,7 +157,7 @@ class RSAE(SparseAutoencoder):
         # The zero band is detached, so the hard zero passes no gradient but gate_out's own: a where, not
         # a straight-through step (whose product would cost two more passes in backward).
         magnitude = gate_out.abs()
-        return _Encoded(Latents(torch.where(magnitude > self._zero_band(), gate_out, 0.0), None), pre_acts, magnitude)
+        return _Encoded(Latents(torch.where(magnitude > self.gate_band(), gate_out, 0.0), None), pre_acts, magnitude)
 
     def gate_codes(self, pre_acts: Tensor) -> Tensor:
         """Dense codes [N, d_sae] the gate is fitted by: the mode's support rule applied to phi(h), before the
@@ -170,8 +170,13 @@ class RSAE(SparseAutoencoder):
         # A selected value of 0 (fewer than k positive pre-activations) must stay an exact zero.
         return Latents(self.gate(values, latent_index=indices, positive_support=True), indices)
 
-    def _zero_band(self) -> Tensor:
+    def gate_band(self) -> Tensor:
+        """Per-latent `threshold_eps * |C_out_i|` [d_sae]: the outputs `thresholded` mode zeroes, in the gate's own
+        scale (and, in `pure` mode, where `l0_gate_band` counts a code as zero)."""
         return self.cfg.threshold_eps * self.gate.scale_out.detach().abs()
+
+    def zero_band(self) -> Tensor | None:
+        return None if self.cfg.mode == "masked" else self.gate_band()
 
     # --- training -------------------------------------------------------------------------------
     def training_loss(
@@ -196,7 +201,7 @@ class RSAE(SparseAutoencoder):
         cfg = self.cfg
         if cfg.mode == "thresholded":
             assert encoded.gate_magnitude is not None
-            band = self._zero_band()
+            band = self.gate_band()
             sparsity = step(encoded.gate_magnitude, band, cfg.jumprelu_bandwidth, pass_x_grad=True).sum(-1).mean()
         elif cfg.mode == "pure" or cfg.family == "relu":
             sparsity = decoder_weighted_l1(encoded.latents.values, self.W_dec)

@@ -197,6 +197,11 @@ class SparseAutoencoder(nn.Module, ABC):
         was trained on normalised activations and not yet folded back)."""
         return float(self.cfg.extra.get("input_scale", 1.0))
 
+    def zero_band(self) -> Tensor | None:
+        """Per-latent magnitudes [d_sae] below which a code counts as zero in `l0_gate_band`; None where every
+        zero is exact (the baselines, masked RSAEs)."""
+        return None
+
     @torch.no_grad()
     def set_input_scale(self, scale: float) -> None:
         """Refold the weights so the SAE reads inputs scaled by `scale` (relative to raw activations) and

@@ -39,10 +39,15 @@ from rsae.nn.config import CoefficientSharing, Family, GateMode, SAEConfig
 from rsae.nn.rational_sae import RSAE, gate_l2
 from rsae.nn.registry import build_model
 from rsae.nn.sae import SparseAutoencoder
+from rsae.train.sharding import copy_full_, full_state_dict, set_decoder_norm_to_unit_norm, shard_sae
 from rsae.zoo.checkpoint import load, save
 
 DecoderHandling = Literal["auto", "unit_norm", "penalty"]
 Decay = Literal["cosine", "linear", "constant"]
+
+
+TRAINED_SPARSITY = "trained_sparsity_coefficient"
+"""Key in an exported checkpoint's `cfg.extra`: the sparsity coefficient its training ended with."""
 
 
 class SAEModule(pl.LightningModule):
@@ -58,11 +63,13 @@ class SAEModule(pl.LightningModule):
         sparsity_coefficient: weight of the family's sparsity term (ignored by topk, which fixes k).
         sparsity_warmup_steps: the sparsity weight ramps up linearly over these steps (0: from the start).
         target_l0: hold L0 at this value while training by scaling the sparsity coefficient, a multiplicative
-            controller (`log multiplier += l0_controller_gain * (l0 / target_l0 - 1)` after every step, the batch
-            L0 averaged over ranks); 'initial': the L0 of the first training batch (fine-tuning from a teacher or
+            controller (`log multiplier += l0_controller_gain * clip(log(l0 / target_l0), -1, 1)` after every step
+            once the sparsity warm-up is over,
+            the batch L0 averaged over ranks: the log ratio treats "twice too many" and "half too few" alike, and
+            the clip bounds each step when a from-scratch SAE starts with thousands of active latents); 'initial': the L0 of the first training batch (fine-tuning from a teacher or
             an RSAE-init: the teacher's), so that the RSAE and the control end at the L0 they started from and
             compare like for like; None: off. Only families with a sparsity term (not TopK) are moved by it.
-        l0_controller_gain: the controller's step size in log units per unit of relative L0 error.
+        l0_controller_gain: the controller's step size, in log units per unit of log L0 error.
         auxk_coefficient: weight of the AuxK loss on dead latents (topk family).
         dead_window_tokens: a latent that has not fired in this many training tokens counts as dead.
         decoder: 'unit_norm' keeps decoder rows at unit norm (gradient projected, rows renormalised after each
@@ -109,8 +116,8 @@ class SAEModule(pl.LightningModule):
     def _set_sae(self, sae: SparseAutoencoder) -> None:
         self._check_against_data(sae.cfg)
         self.sae = sae
-        self.val_metrics = SAEMetrics(sae.cfg.d_sae, sae.cfg.l0_tolerance, sae.cfg.d_in)
-        self.test_metrics = SAEMetrics(sae.cfg.d_sae, sae.cfg.l0_tolerance, sae.cfg.d_in)
+        self.val_metrics = SAEMetrics(sae.cfg.d_sae, sae.cfg.l0_tolerance, sae.cfg.d_in, sae.zero_band)
+        self.test_metrics = SAEMetrics(sae.cfg.d_sae, sae.cfg.l0_tolerance, sae.cfg.d_in, sae.zero_band)
         # Tokens since each latent last fired; a buffer so it travels with checkpoints and devices.
         self.register_buffer("tokens_since_fired", torch.zeros(sae.cfg.d_sae, dtype=torch.long))
         self.register_buffer("b_dec_initialised", torch.tensor(False))
@@ -147,6 +154,19 @@ class SAEModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.sae.input_scale != self.data_scale():
             self.sae.set_input_scale(self.data_scale())
+
+    def configure_model(self) -> None:
+        """Under Lightning's `ModelParallelStrategy`, shard the SAE with FSDP2 for fitting (`rsae.train.sharding`)."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        if self.trainer.state.fn != "fit":
+            return  # validate / test: the full SAE on every rank, each evaluating its own rows
+        if isinstance(self, GateCalibration):
+            raise NotImplementedError("stage 1 trains only the rational gate and is not sharded: run it with "
+                                      "trainer.strategy: ddp")
+        shard_sae(self.sae, self.device_mesh)
 
     @property
     def family(self) -> str:
@@ -188,20 +208,24 @@ class SAEModule(pl.LightningModule):
         shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1 - progress
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
 
+    def trained_sparsity_coefficient(self) -> float:
+        """The sparsity coefficient as training left it: the configured one times the L0 controller's multiplier."""
+        return self.sparsity_coefficient * math.exp(float(self.sparsity_log_multiplier))
+
     def sparsity_weight(self) -> float:
         ramp = 1.0 if self.sparsity_warmup_steps <= 0 else min(1.0, (self.global_step + 1) / self.sparsity_warmup_steps)
-        return self.sparsity_coefficient * ramp * math.exp(float(self.sparsity_log_multiplier))
+        return ramp * self.trained_sparsity_coefficient()
 
     def _control_l0(self, l0: Tensor) -> None:
         """One step of the L0 controller (see `target_l0`)."""
-        if self.target_l0 is None:
-            return
+        if self.target_l0 is None or self.global_step < self.sparsity_warmup_steps:
+            return  # during the warm-up the ramp, not the controller, sets the weight
         l0 = l0.detach().double()
         if self._trainer is not None:
             l0 = self.trainer.strategy.reduce(l0, reduce_op="mean")
         if torch.isnan(self.l0_target_value):
             self.l0_target_value.fill_(float(l0) if self.target_l0 == "initial" else float(self.target_l0))
-        error = float(l0) / max(float(self.l0_target_value), 1e-12) - 1.0
+        error = min(max(math.log(max(float(l0), 1e-3) / max(float(self.l0_target_value), 1e-12)), -1.0), 1.0)
         self.sparsity_log_multiplier.add_(self.l0_controller_gain * error).clamp_(-20.0, 20.0)
         self.log("train/sparsity_multiplier", math.exp(float(self.sparsity_log_multiplier)), prog_bar=False)
 
@@ -268,7 +292,7 @@ class SAEModule(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # Here rather than in on_train_batch_end, which runs after callbacks (checkpoints) saw the step.
         if self.unit_norm_decoder():
-            self.sae.set_decoder_norm_to_unit_norm()
+            set_decoder_norm_to_unit_norm(self.sae)  # in place: also for sharded (FSDP) parameters
 
     def on_fit_start(self) -> None:
         norms = self.sae.W_dec.detach().float().norm(dim=-1)
@@ -285,14 +309,19 @@ class SAEModule(pl.LightningModule):
         self._last_step_time = None
 
     def on_fit_end(self) -> None:
-        if self.export_dir is not None and self.trainer.is_global_zero:
-            folder = self.export(self.export_dir)
-            print(f"rsae: exported the trained {self.sae.cfg.architecture} SAE to {folder}")
+        if self.export_dir is not None:
+            state = full_state_dict(self.sae)  # a collective when the SAE is sharded: every rank gathers
+            if self.trainer.is_global_zero:
+                folder = self.export(self.export_dir, state)
+                print(f"rsae: exported the trained {self.sae.cfg.architecture} SAE to {folder}")
 
-    def export(self, folder: str | Path) -> Path:
-        """Write the SAE for raw activations (the data's normalisation folded into the weights)."""
+    def export(self, folder: str | Path, state: dict[str, Tensor] | None = None) -> Path:
+        """Write the SAE for raw activations (the data's normalisation folded into the weights); `state`: its
+        full state dict when the SAE is sharded (`rsae.train.sharding.full_state_dict`)."""
         sae = build_model(SAEConfig.from_dict(self.sae.cfg.to_dict()))
-        sae.load_state_dict(self.sae.state_dict())
+        sae.load_state_dict(self.sae.state_dict() if state is None else state)
+        if self.sparsity_coefficient > 0:  # what a fine-tuning from this checkpoint continues with by default
+            sae.cfg.extra[TRAINED_SPARSITY] = self.trained_sparsity_coefficient()
         sae.set_input_scale(1.0)
         return save(sae, folder)
 
@@ -379,8 +408,7 @@ class TeacherTraining(SAEModule):
             mean = x.float().mean(0)
             if self._trainer is not None:
                 mean = self.trainer.strategy.reduce(mean, reduce_op="mean")
-            with torch.no_grad():
-                self.sae.b_dec.copy_(mean.to(self.sae.b_dec.dtype))
+            copy_full_(self.sae.b_dec, mean.to(self.sae.b_dec.dtype))  # also into a sharded b_dec
         super().initialise_b_dec(x)
 
     def run_name(self) -> str:
@@ -422,6 +450,8 @@ class GateCalibration(SAEModule):
         rsae = RSAE(dataclasses.replace(masked.cfg, mode=mode))
         rsae.load_state_dict(masked.state_dict(), strict=False)  # the teacher's weights, until RemezInit runs
         rsae.cfg.extra["teacher"] = str(teacher)
+        if TRAINED_SPARSITY in self.teacher.cfg.extra:
+            rsae.cfg.extra[TRAINED_SPARSITY] = self.teacher.cfg.extra[TRAINED_SPARSITY]
         for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
             if hasattr(rsae, name):
                 getattr(rsae, name).requires_grad_(False)
@@ -469,14 +499,22 @@ class FineTuning(SAEModule):
 
     Args:
         init: rsae checkpoint folder to start from (an RSAE or a baseline SAE).
+        sparsity_coefficient: None (default): the coefficient the init's teacher was trained with, which its
+            checkpoint records (`cfg.extra["trained_sparsity_coefficient"]`, after any L0 controller); an
+            imported SAE records none, so give one (the L0 controller with `target_l0` then adapts it).
         **kwargs: the optimiser and evaluation settings of `SAEModule`.
     """
 
-    def __init__(self, init: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, init: str, sparsity_coefficient: float | None = None, **kwargs: Any) -> None:
+        sae = self.load_sae_folder(init)
+        if sparsity_coefficient is None:
+            if sae.cfg.family != "topk" and TRAINED_SPARSITY not in sae.cfg.extra:
+                raise ValueError(f"{init} records no trained sparsity coefficient (an imported SAE): set "
+                                 "model.init_args.sparsity_coefficient (or --sparsity)")
+            sparsity_coefficient = float(sae.cfg.extra.get(TRAINED_SPARSITY, 0.0))
+        super().__init__(sparsity_coefficient=sparsity_coefficient, **kwargs)
         self.save_hyperparameters()
         self.init_path = init
-        sae = self.load_sae_folder(init)
         sae.cfg.extra["init"] = str(init)
         self._set_sae(sae)
         self.b_dec_initialised.fill_(True)

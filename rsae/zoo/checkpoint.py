@@ -8,6 +8,7 @@ caught at load time and named, instead of loading garbage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rsae._io import atomic_folder, sha256_file
-from rsae.nn.config import SAEConfig
+from rsae.nn.config import DTYPES, SAEConfig
 from rsae.nn.registry import build_model
 from rsae.nn.sae import SparseAutoencoder
 
@@ -54,8 +55,12 @@ def save(model: SparseAutoencoder, folder: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def load(folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Load a checkpoint written by `save`, verifying format version, checksum, keys, shapes and dtypes."""
+def load(folder: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: str | None = None,
+         ) -> SparseAutoencoder:
+    """Load a checkpoint written by `save`, verifying format version, checksum, keys, shapes and dtypes.
+
+    `dtype` (e.g. "float32" for a checkpoint stored in bfloat16) casts the parameters after the checks; None keeps
+    the stored dtype."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no rsae checkpoint folder at {folder}")
@@ -75,6 +80,14 @@ def load(folder: str | os.PathLike[str], device: str | torch.device = "cpu") -> 
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{folder / CONFIG_FILE}: {err}") from err
     model.load_state_dict(_read_weights(weights_path, model), strict=True)
+    if dtype is not None and dtype != cfg.dtype:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: expected one of {DTYPES}")
+        # A model built in the new dtype decides each tensor's dtype (an RSAE's gate stays fp32 in any dtype).
+        cast = build_model(dataclasses.replace(cfg, dtype=dtype))
+        wanted = cast.state_dict()
+        cast.load_state_dict({name: t.to(wanted[name].dtype) for name, t in model.state_dict().items()})
+        model = cast
     return model.to(device)
 
 

@@ -27,8 +27,9 @@ LOADED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 
 
 def load(name: str, revision: str | None = None, device: str | torch.device = "cpu", endpoint: str | None = None,
-         token: str | None = None) -> SparseAutoencoder:
-    """The zoo entry `name` (`LM/LAYER/FAMILY`) as a ready model, hook point and LM name in its cfg."""
+         token: str | None = None, dtype: str | None = None) -> SparseAutoencoder:
+    """The zoo entry `name` (`LM/LAYER/FAMILY`) as a ready model, hook point and LM name in its cfg; `dtype`
+    (e.g. "float32") casts the stored parameters (the shipped entries store bfloat16)."""
     entry = _published(registry.card(name))
     folder = _cached(entry, revision, endpoint, LOADED_FILES)
     reason = None
@@ -41,7 +42,7 @@ def load(name: str, revision: str | None = None, device: str | torch.device = "c
     if folder is None:
         raise ZooError(f"{name} is neither in the HF cache nor reachable on the Hub ({reason}), and ships no copy; "
                        "connect to the Hub (unset HF_HUB_OFFLINE) or `rsae zoo pull` it where the Hub is reachable")
-    return load_folder(folder, device=device)
+    return load_folder(folder, device=device, dtype=dtype)
 
 
 def pull(name: str, revision: str | None = None, endpoint: str | None = None, token: str | None = None) -> Path:

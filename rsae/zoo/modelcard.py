@@ -29,7 +29,7 @@ def model_card(entry: Card, cfg: dict[str, Any]) -> str:
         for metric in metrics:
             lines.append(f"| {metric} | " + " | ".join(_fmt(table[r].get(metric)) for r in runs) + " |")
         data = entry.evaluation.get("data")
-        lines += ["", f"Measured on {data}." if data else "", "The control is the teacher fine-tuned with the same "
+        lines += ["", describe_data(data) if data else "", "The control is the teacher fine-tuned with the same "
                   "recipe, data and steps: the RSAE's gain over it is what the rational gate adds.", ""]
     lines += ["## How it was built", "", "```bash", entry.build_command(), "```", "",
               f"Recipe: `rsae {entry.recipe.get('command')}` with {entry.recipe.get('args')} (the stages are "
@@ -39,6 +39,19 @@ def model_card(entry: Card, cfg: dict[str, Any]) -> str:
     if entry.notes:
         lines += [entry.notes, ""]
     return "\n".join(lines)
+
+
+def describe_data(data: dict[str, Any]) -> str:
+    """One sentence: the text an entry was trained on and the held-out text its table was measured on."""
+    def corpus(part: dict[str, Any]) -> str:
+        pinned = ", ".join(f"{s['package']}=={s['version']}" for s in part.get("sources") or [])
+        return f"`{part['corpus']}`" + (f" ({pinned})" if pinned else "")
+
+    train, held_out = data["train"], data["evaluation"]
+    tokens = f"{held_out['cached_tokens']:,} tokens of " if "cached_tokens" in held_out else ""
+    return (f"Trained on {train['cached_tokens']:,} cached tokens of {corpus(train)} ({train['training_shards']} "
+            f"shards train); measured on {tokens}{corpus(held_out)} ({held_out['split']}), the cross-entropy on "
+            f"{data['ce_sequences']} of its sequences.")
 
 
 def _fmt(value: Any) -> str:

@@ -2,9 +2,9 @@
 
 A card (`<name>.json`) says what the entry is and where its weights live:
 
-- `name`, `status`: `published` (weights on the Hub, every file's sha256 recorded, and for entries that ship
-  with the source tree a bf16 copy under `shipped/`) or `recipe` (no weights anywhere yet; `rsae zoo build`
-  makes them);
+- `name`, `status`: `published` (weights exist, every file's sha256 recorded: on the Hub at `hub.revision`,
+  and for entries that ship with the source tree a copy under `shipped/`) or `recipe` (no weights anywhere yet;
+  `rsae zoo build` makes them);
 - `lm`: the language model (`name`, `revision`, `hook_name`, `processing`);
 - `teacher`: where the teacher comes from (`source`: `recipe`, `zoo:NAME`, `hf:...` or `saelens:...`), its
   `format`, `license` and provenance;
@@ -46,7 +46,8 @@ class Card:
     teacher: dict[str, Any]
     """`source` (`recipe`, `zoo:NAME`, `hf:...`, `saelens:...`), `format`, `license`, `description`."""
     recipe: dict[str, Any]
-    """`command`: the `rsae` subcommand (`quickstart` or `upgrade`) and `args`: its arguments."""
+    """`command`: the `rsae` subcommand (`quickstart` or `upgrade`), `args`: its arguments, and `dtype`: the storage
+    dtype of the entry's weights (default float32)."""
     hub: dict[str, Any] = field(default_factory=dict)
     """`repo_id`, `path_in_repo`, `revision`, `files` (name -> sha256)."""
     evaluation: dict[str, Any] = field(default_factory=dict)

