@@ -16,14 +16,23 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from rsae.nn import topk_cpu
+
 
 def topk_relu(pre_acts: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The TopK gate on dense pre-activations [N, d]: (values [N, k] >= 0, indices [N, k]).
 
     Top-k then ReLU keeps the same values as ReLU then top-k and spares a pass over [N, d]; the
     two differ only in which latents a token with fewer than k positive pre-activations lists at
-    value 0. Plain autograd: this is the dense reference path (and the RSAE's masked mode)."""
-    values, indices = pre_acts.topk(k, dim=-1, sorted=False)
+    value 0. Plain autograd: this is the dense reference path (and the RSAE's masked mode). On CPU the
+    selection is `rsae.nn.topk_cpu`'s kernel where it applies (the same sets as `torch.topk`, in another
+    order; the values gathered again where autograd needs them), else `torch.topk`."""
+    if topk_cpu.applies(pre_acts, k):
+        values, indices = topk_cpu.topk(pre_acts, k)
+        if pre_acts.requires_grad and torch.is_grad_enabled():
+            values = pre_acts.gather(-1, indices)
+    else:
+        values, indices = pre_acts.topk(k, dim=-1, sorted=False)
     return values.relu(), indices
 
 

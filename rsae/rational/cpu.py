@@ -8,6 +8,9 @@ and CPU, and written atomically. It covers fp32 and bf16 inputs with unit column
 everything else (GPU, fp16, fp64, other layouts) takes the compiled or eager bodies. If no compiler
 is found or the build fails, :func:`library` warns once and returns None, and the gate falls back.
 Set ``RSAE_CPU_KERNEL=0`` to turn it off.
+
+The build, cache and load (:func:`load_library`) and the switch (:func:`enabled`) serve every rsae CPU
+kernel: the TopK selection of :mod:`rsae.nn.topk_cpu` goes through them too.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import Tensor
 
 from rsae._io import atomic_path, cache_dir
 
-__all__ = ["MAX_COEFFICIENTS", "applies", "library", "forward", "backward"]
+__all__ = ["MAX_COEFFICIENTS", "applies", "enabled", "library", "load_library", "forward", "backward"]
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
@@ -58,30 +61,40 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(lines)))
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, source: Path, name: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *FLAGS, _cpu_signature()]).encode())
-    target = cache_dir() / "kernels" / f"rational_cpu-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256("\0".join([source.read_text(), compiler, version, *FLAGS, _cpu_signature()]).encode())
+    target = cache_dir() / "kernels" / f"{name}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     with atomic_path(target) as tmp:  # concurrent builders each write their own temporary file
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(tmp)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} exited with {done.returncode}:\n{done.stderr.strip()[-2000:]}")
     return target
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it if needed; None (after one warning) if it cannot be built."""
+def load_library(source: Path, name: str, what: str, fallback: str) -> ctypes.CDLL | None:
+    """The C++ file ``source`` built with the system compiler (cached as ``<rsae cache>/kernels/<name>-<key>.so``,
+    the key hashing source, compiler, flags and CPU) and loaded; None after a warning if it cannot be built.
+    ``what`` names the kernel and ``fallback`` says what runs instead, in that warning. Callers cache the
+    result (one warning per kernel) and set the functions' ctypes signatures."""
     compiler = _compiler()
     try:
         if compiler is None:
             raise RuntimeError("no C++ compiler found (tried $CXX, g++, c++, clang++)")
-        lib = ctypes.CDLL(str(_build(compiler)))
+        return ctypes.CDLL(str(_build(compiler, source, name)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        warnings.warn(f"rsae: the rational gate's CPU kernel is unavailable ({exc}); using the compiled "
-                      "bodies instead (set RSAE_CPU_KERNEL=0 to silence).", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"rsae: {what} is unavailable ({exc}); {fallback} (set RSAE_CPU_KERNEL=0 to silence).",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it if needed; None (after one warning) if it cannot be built."""
+    lib = load_library(SOURCE, "rational_cpu", "the rational gate's CPU kernel", "using the compiled bodies instead")
+    if lib is None:
         return None
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.rsae_rational_forward.argtypes = [ptr, i32, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32, i32, i64,

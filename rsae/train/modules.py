@@ -56,6 +56,9 @@ class SAEModule(pl.LightningModule):
     Args:
         lr: Adam learning rate of the SAE weights.
         gate_lr: learning rate of the rational gate's parameters (None: `lr`).
+        threshold_lr: learning rate of JumpReLU thresholds (None: `lr`). Adam moves a parameter by about its
+            learning rate per step whatever the sparsity coefficient, so thresholds that start near zero need a
+            larger one to reach a sparse L0 within a short run.
         betas: Adam betas.
         warmup_steps: linear learning-rate warm-up.
         decay: learning-rate decay after warm-up, to `min_lr_ratio * lr` at the last step.
@@ -81,7 +84,7 @@ class SAEModule(pl.LightningModule):
         d_in / hook_name / model_name: linked from the DataModule by the CLI; checked against the SAE.
     """
 
-    def __init__(self, lr: float = 1e-3, gate_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, lr: float = 1e-3, gate_lr: float | None = None, threshold_lr: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
                  warmup_steps: int = 100, decay: Decay = "cosine", min_lr_ratio: float = 0.1,
                  sparsity_coefficient: float = 0.0, sparsity_warmup_steps: int = 0,
                  target_l0: float | Literal["initial"] | None = None, l0_controller_gain: float = 0.02,
@@ -90,13 +93,13 @@ class SAEModule(pl.LightningModule):
                  evaluation: EvalConfig | None = None, d_in: int | None = None, hook_name: str | None = None,
                  model_name: str | None = None) -> None:
         super().__init__()
-        if lr <= 0 or (gate_lr is not None and gate_lr < 0):
-            raise ValueError(f"lr={lr}, gate_lr={gate_lr}: learning rates must be positive")
+        if lr <= 0 or any(other is not None and other < 0 for other in (gate_lr, threshold_lr)):
+            raise ValueError(f"lr={lr}, gate_lr={gate_lr}, threshold_lr={threshold_lr}: learning rates must be positive")
         if decay not in ("cosine", "linear", "constant"):
             raise ValueError(f"decay={decay!r}: expected 'cosine', 'linear' or 'constant'")
         if decoder not in ("auto", "unit_norm", "penalty"):
             raise ValueError(f"decoder={decoder!r}: expected 'auto', 'unit_norm' or 'penalty'")
-        self.lr, self.gate_lr, self.betas = lr, gate_lr, tuple(betas)
+        self.lr, self.gate_lr, self.threshold_lr, self.betas = lr, gate_lr, threshold_lr, tuple(betas)
         self.warmup_steps, self.decay, self.min_lr_ratio = warmup_steps, decay, min_lr_ratio
         self.sparsity_coefficient, self.sparsity_warmup_steps = sparsity_coefficient, sparsity_warmup_steps
         if target_l0 not in (None, "initial") and not (isinstance(target_l0, (int, float)) and target_l0 > 0):
@@ -190,7 +193,10 @@ class SAEModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         weights, gate = self.trainable_parameters()
-        groups = [{"params": weights, "lr": self.lr, "name": "weights"}]
+        thresholds = {id(p) for name, p in self.sae.named_parameters() if name == "threshold"}
+        groups = [{"params": [p for p in weights if id(p) not in thresholds], "lr": self.lr, "name": "weights"},
+                  {"params": [p for p in weights if id(p) in thresholds], "name": "thresholds",
+                   "lr": self.threshold_lr if self.threshold_lr is not None else self.lr}]
         if gate:
             groups.append({"params": gate, "lr": self.gate_lr if self.gate_lr is not None else self.lr, "name": "gate"})
         groups = [g for g in groups if g["params"]]

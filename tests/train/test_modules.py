@@ -333,3 +333,15 @@ def test_a_teacher_held_at_a_target_l0_records_the_coefficient_its_fine_tuning_c
     (imported / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="records no trained sparsity coefficient.*sparsity_coefficient"):
         FineTuning(init=str(imported), **linked(dm))
+
+
+def test_jumprelu_thresholds_have_their_own_learning_rate(cache: str, tmp_path: Path) -> None:
+    dm = datamodule(cache)
+    moved = {}
+    for threshold_lr in (0.0, 0.05):
+        module = TeacherTraining(family="jumprelu", d_sae=64, lr=1e-3, threshold_lr=threshold_lr,
+                                 sparsity_coefficient=1e-2, warmup_steps=1, evaluation=NO_CE, **linked(dm))
+        start = module.sae.threshold.detach().clone()
+        fit(module, dm, tmp_path / str(threshold_lr), 5)
+        moved[threshold_lr] = float((module.sae.threshold.detach() - start).abs().max())
+    assert moved[0.0] == 0.0 and moved[0.05] > 0.05  # Adam moves about lr per step
