@@ -136,9 +136,9 @@ def ship(built: Any, folder: Path) -> Path:
     every file of the entry folder hashed (what a push uploads), `load` served from the copy without network."""
     from rsae._io import atomic_folder, sha256_file
     from rsae.zoo.hub import LOADED_FILES
-    from rsae.zoo.registry import cards_root, write_card
+    from rsae.zoo.registry import SHIPPED_DIR, cards_root, write_card
 
-    shipped = f"shipped/{built.name}"
+    shipped = f"{SHIPPED_DIR}/{built.name}"
     with atomic_folder(cards_root() / shipped) as staging:
         for name in LOADED_FILES:
             shutil.copy2(folder / name, staging / name)

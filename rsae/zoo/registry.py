@@ -92,9 +92,14 @@ def card_path(name: str) -> Path:
     return cards_root() / f"{name}{CARD_SUFFIX}"
 
 
+SHIPPED_DIR = "shipped"
+"""Folder (under the cards) of the weights that ship with the package: entry folders, not cards."""
+
+
 def names() -> list[str]:
     root = cards_root()
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob(f"*{CARD_SUFFIX}"))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob(f"*{CARD_SUFFIX}")
+                  if p.relative_to(root).parts[0] != SHIPPED_DIR)
 
 
 def read_card(path: Path) -> Card:
