@@ -15,14 +15,13 @@ faster at the quickstart's shape ([4096, 4608], k 32) in fp32 and bf16; ``decisi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from timing import cpu_model, interleave
+from timing import cpu_model, interleave, write_results
 
 from rsae.nn import topk_cpu
 
@@ -124,12 +123,7 @@ def main() -> None:
                       f"kernel {row['kernel_median_s'] * 1e3:.1f} ms, {row['speedup']:.2f}x", flush=True)
     report["decision"] = decide(report["results"])
     print(report["decision"])
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(report))
+    write_results(report, args.json, args.markdown, markdown)
 
 
 if __name__ == "__main__":

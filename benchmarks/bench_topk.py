@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timing import add_step_arguments, cpu_model, interleave, use_malloc
+from timing import add_step_arguments, cpu_model, interleave, use_malloc, write_results
 
 from rsae.nn.config import SAEConfig
 from rsae.nn.rational_sae import RSAE
@@ -156,12 +155,7 @@ def main() -> None:
             f"(|loss difference| at start {row['loss_difference_at_start']:.1e})",
             flush=True,
         )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(report))
+    write_results(report, args.json, args.markdown, markdown)
 
 
 if __name__ == "__main__":

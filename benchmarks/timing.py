@@ -8,6 +8,7 @@ import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # glibc's malloc settings per --malloc choice (read at process start, hence the re-exec in use_malloc).
 MALLOC_ENVIRONMENTS: dict[str, dict[str, str]] = {
@@ -64,3 +65,14 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def write_results(report: dict[str, Any], json_path: Path | None, markdown_path: Path | None,
+                  render: Callable[[dict[str, Any]], str]) -> None:
+    """Write a benchmark's report as JSON and its markdown rendering, where asked (parent folders made)."""
+    import json
+
+    for path, text in ((json_path, lambda: json.dumps(report, indent=2) + "\n"), (markdown_path, lambda: render(report))):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text())
